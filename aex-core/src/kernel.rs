@@ -1,0 +1,510 @@
+//! [`Kernel`]: the one object the bindings hold.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde_json::json;
+
+use crate::admission::{self, AdmitRequest, Admission};
+use crate::agent::{self, Agent, AgentSpec};
+use crate::auth::Token;
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::error::{Error, NotFoundKind, Result};
+use crate::execution::Execution;
+use crate::ledger::audit::{self, AuditReport};
+use crate::ledger::{self, ChainHasher, Event, EventKind, Head, NewEvent};
+use crate::money;
+use crate::reconcile::{self, ReconcileReport};
+use crate::settlement::{self, Settlement, Terminal, Usage};
+use crate::store::{SqliteStore, Store, StoreOptions, Tx};
+
+/// The default reservation TTL: 15 minutes, long enough for a slow streamed reply.
+pub const DEFAULT_RESERVATION_TTL_MS: i64 = 15 * 60 * 1000;
+
+const META_LEDGER_MODE: &str = "ledger_mode";
+const META_LEDGER_KEY_CHECK: &str = "ledger_key_check";
+
+/// How to open a kernel. `Debug` never shows the ledger key.
+#[derive(Clone)]
+pub struct KernelOptions {
+    /// Durability and busy timeout of the SQLite store.
+    pub store: StoreOptions,
+    /// A secret that turns the ledger's chain into HMAC-SHA-256. A database created with a key
+    /// must always be opened with the same key, and one created without, without.
+    pub ledger_key: Option<Vec<u8>>,
+    /// How long an unsettled reservation lives, ms.
+    pub reservation_ttl_ms: i64,
+    /// The models and their prices.
+    pub config: Config,
+    /// The time source.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        KernelOptions {
+            store: StoreOptions::default(),
+            ledger_key: None,
+            reservation_ttl_ms: DEFAULT_RESERVATION_TTL_MS,
+            config: Config::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl std::fmt::Debug for KernelOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelOptions")
+            .field("store", &self.store)
+            .field("ledger_key", &self.ledger_key.as_ref().map(|_| "<redacted>"))
+            .field("reservation_ttl_ms", &self.reservation_ttl_ms)
+            .field("config", &self.config)
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+/// A new agent and its token, which is shown this once.
+#[derive(Debug, Clone)]
+pub struct CreatedAgent {
+    /// The agent as stored.
+    pub agent: Agent,
+    /// The secret token. Hand it to the agent; aex keeps only its hash.
+    pub token: Token,
+}
+
+/// The governance kernel: agents, admission, settlement, ledger and audit over one store.
+///
+/// `Send + Sync` and cheap to clone (an `Arc`): share one kernel between threads. Every method is
+/// one store transaction, so concurrent callers — in this process or in others sharing the file —
+/// see each other's effects in a single serial order. Nothing is cached between calls.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Box<dyn Store>,
+    clock: Arc<dyn Clock>,
+    hasher: ChainHasher,
+    config: RwLock<Arc<Config>>,
+    reservation_ttl_ms: i64,
+}
+
+impl Kernel {
+    /// Opens (creating if needed) the SQLite database at `path`, migrates it, checks the ledger
+    /// key, and expires every due reservation.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] for bad options or a ledger key that does not match the database;
+    /// [`Error::Unavailable`] when the file cannot be opened or migrated.
+    pub fn open(path: impl AsRef<Path>, options: KernelOptions) -> Result<Kernel> {
+        let store = SqliteStore::open(path.as_ref(), options.store)?;
+        Kernel::with_store(Box::new(store), options)
+    }
+
+    /// A kernel over a private in-memory database, for tests and experiments.
+    ///
+    /// # Errors
+    /// As [`Kernel::open`].
+    pub fn open_in_memory(options: KernelOptions) -> Result<Kernel> {
+        Kernel::with_store(Box::new(SqliteStore::open_in_memory()?), options)
+    }
+
+    /// A kernel over any [`Store`].
+    ///
+    /// # Errors
+    /// As [`Kernel::open`].
+    pub fn with_store(store: Box<dyn Store>, options: KernelOptions) -> Result<Kernel> {
+        if options.reservation_ttl_ms <= 0 {
+            return Err(Error::invalid("reservation_ttl_ms", "must be positive"));
+        }
+        let hasher = ChainHasher::new(options.ledger_key.as_deref())?;
+        let kernel = Kernel {
+            inner: Arc::new(Inner {
+                store,
+                clock: options.clock,
+                hasher,
+                config: RwLock::new(Arc::new(options.config)),
+                reservation_ttl_ms: options.reservation_ttl_ms,
+            }),
+        };
+        kernel.check_ledger_mode()?;
+        kernel.reconcile()?;
+        Ok(kernel)
+    }
+
+    fn check_ledger_mode(&self) -> Result<()> {
+        let hasher = &self.inner.hasher;
+        self.write(|tx| {
+            let mode = tx.meta(META_LEDGER_MODE)?;
+            let check = tx.meta(META_LEDGER_KEY_CHECK)?.unwrap_or_default();
+            match mode {
+                None => {
+                    tx.set_meta(META_LEDGER_MODE, hasher.mode())?;
+                    tx.set_meta(META_LEDGER_KEY_CHECK, &hasher.key_check())?;
+                    Ok(Ok(()))
+                }
+                Some(m) if m != hasher.mode() => Ok(Err(Error::invalid(
+                    "ledger_key",
+                    format!("this database's ledger is '{m}'; open it {} a ledger key", if m == "sha256" { "without" } else { "with" }),
+                ))),
+                Some(_) if check != hasher.key_check() => {
+                    Ok(Err(Error::invalid("ledger_key", "does not match the key this database's ledger was written with")))
+                }
+                Some(_) => Ok(Ok(())),
+            }
+        })
+    }
+
+    fn now(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// Runs `f` in a write transaction. `f`'s outer error rolls back; its inner result is the
+    /// answer, returned after the commit (so a denial or an expiry on the way is kept).
+    fn write<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<Result<T>>) -> Result<T> {
+        let mut out = None;
+        self.inner.store.write(&mut |tx| {
+            out = Some(f(tx)?);
+            Ok(())
+        })?;
+        out.unwrap_or_else(|| Err(Error::Internal("transaction produced no result".into())))
+    }
+
+    fn read<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        let mut out = None;
+        self.inner.store.read(&mut |tx| {
+            out = Some(f(tx)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| Error::Internal("transaction produced no result".into()))
+    }
+
+    fn agent_named(tx: &mut dyn Tx, name: &str) -> Result<Agent> {
+        tx.agent_by_name(name)?.ok_or_else(|| Error::NotFound { what: NotFoundKind::Agent, key: name.to_string() })
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.inner.config.read().clone()
+    }
+
+    // ---- agents -------------------------------------------------------------------------------
+
+    /// Creates an agent and returns it with its token (shown only here).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] naming a bad field; [`Error::Conflict`] (`name_taken`).
+    pub fn create_agent(&self, spec: &AgentSpec) -> Result<CreatedAgent> {
+        spec.validate()?;
+        let token = Token::generate()?;
+        let hasher = &self.inner.hasher;
+        let now = self.now();
+        let mut agent = Agent {
+            id: 0,
+            name: spec.name.clone(),
+            token_prefix: token.display_prefix().to_string(),
+            scope: spec.scope,
+            ttl_ms: spec.ttl_ms,
+            expires_at_ms: spec.ttl_ms.map(|t| now.saturating_add(t)),
+            disabled: false,
+            budget_micro: spec.budget_micro,
+            spent_micro: 0,
+            reserved_micro: 0,
+            rpm: spec.rpm,
+            tpm: spec.tpm,
+            allowed_models: spec.allowed_models.clone(),
+            capabilities: spec.capabilities,
+            strict: spec.strict,
+            allow_passthrough: spec.allow_passthrough,
+            created_at_ms: now,
+        };
+        agent.id = self.write(|tx| {
+            let id = match tx.insert_agent(&agent, &token.hash()) {
+                Ok(id) => id,
+                Err(e @ Error::Conflict { .. }) => return Ok(Err(e)),
+                Err(e) => return Err(e),
+            };
+            let data = json!({
+                "scope": spec.scope.as_str(),
+                "rpm": spec.rpm,
+                "tpm": spec.tpm,
+                "allowed_models": spec.allowed_models,
+                "tools": spec.capabilities.tools,
+                "streaming": spec.capabilities.streaming,
+                "vision": spec.capabilities.vision,
+                "strict": spec.strict,
+                "ttl_ms": spec.ttl_ms,
+                "allow_passthrough": spec.allow_passthrough,
+            });
+            ledger::append(tx, hasher, now, NewEvent::agent(EventKind::AgentCreated, &spec.name, spec.budget_micro, data))?;
+            Ok(Ok(id))
+        })?;
+        Ok(CreatedAgent { agent, token })
+    }
+
+    /// All agents, by name.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn list_agents(&self) -> Result<Vec<Agent>> {
+        self.read(|tx| tx.agents())
+    }
+
+    /// One agent's settings and counters (never its token).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`].
+    pub fn agent(&self, name: &str) -> Result<Agent> {
+        self.read(|tx| Self::agent_named(tx, name))
+    }
+
+    /// Sets an agent's budget to `budget_micro`. A budget below what is already spent and
+    /// reserved is allowed: the agent's next admission is denied.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] outside `0..=MAX_MICRO`; [`Error::NotFound`].
+    pub fn set_budget(&self, name: &str, budget_micro: i64) -> Result<Agent> {
+        money::check_amount("budget_micro", budget_micro)?;
+        self.change_budget(name, |_| Ok(budget_micro))
+    }
+
+    /// Adds `delta_micro` (which may be negative) to an agent's budget.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] when the new budget would leave `0..=MAX_MICRO`;
+    /// [`Error::NotFound`].
+    pub fn add_budget(&self, name: &str, delta_micro: i64) -> Result<Agent> {
+        self.change_budget(name, |old| {
+            let new = old.checked_add(delta_micro).ok_or_else(|| Error::invalid("delta_micro", "overflows"))?;
+            money::check_amount("budget_micro", new).map_err(|_| {
+                Error::invalid("delta_micro", format!("would make the budget {new} micro-USD, outside 0..=1e9 USD"))
+            })
+        })
+    }
+
+    fn change_budget(&self, name: &str, new_budget: impl Fn(i64) -> Result<i64>) -> Result<Agent> {
+        let hasher = &self.inner.hasher;
+        let now = self.now();
+        self.write(|tx| {
+            let mut agent = match Self::agent_named(tx, name) {
+                Ok(a) => a,
+                Err(e) => return Ok(Err(e)),
+            };
+            let old = agent.budget_micro;
+            agent.budget_micro = match new_budget(old) {
+                Ok(b) => b,
+                Err(e) => return Ok(Err(e)),
+            };
+            tx.update_agent(&agent)?;
+            let data = json!({ "previous_micro": old });
+            ledger::append(tx, hasher, now, NewEvent::agent(EventKind::BudgetSet, name, agent.budget_micro, data))?;
+            Ok(Ok(agent))
+        })
+    }
+
+    /// Disables (`true`) or enables (`false`) an agent. A disabled agent's token is refused with
+    /// `agent_disabled`; its open executions can still be settled.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`].
+    pub fn set_disabled(&self, name: &str, disabled: bool) -> Result<Agent> {
+        let hasher = &self.inner.hasher;
+        let now = self.now();
+        self.write(|tx| {
+            let mut agent = match Self::agent_named(tx, name) {
+                Ok(a) => a,
+                Err(e) => return Ok(Err(e)),
+            };
+            if agent.disabled != disabled {
+                agent.disabled = disabled;
+                tx.update_agent(&agent)?;
+                let kind = if disabled { EventKind::AgentDisabled } else { EventKind::AgentEnabled };
+                ledger::append(tx, hasher, now, NewEvent::agent(kind, name, 0, json!({})))?;
+            }
+            Ok(Ok(agent))
+        })
+    }
+
+    /// Deletes an agent. Its open reservations are released first (each an `execution.released`
+    /// event with reason `agent_deleted`): with the agent gone there is no budget left to charge,
+    /// and a late settlement of one of them is a `Conflict`. Its token stops working at once. The
+    /// ledger keeps its whole history; the name may be reused.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`].
+    pub fn delete_agent(&self, name: &str) -> Result<()> {
+        let hasher = &self.inner.hasher;
+        let now = self.now();
+        self.write(|tx| {
+            let agent = match Self::agent_named(tx, name) {
+                Ok(a) => a,
+                Err(e) => return Ok(Err(e)),
+            };
+            for e in tx.open_executions(Some(agent.id), None)? {
+                settlement::settle(tx, hasher, &e.id, Terminal::Release("agent_deleted"), now)??;
+            }
+            let agent = Self::agent_named(tx, name)?;
+            let data = json!({ "budget_micro": agent.budget_micro, "spent_micro": agent.spent_micro });
+            ledger::append(tx, hasher, now, NewEvent::agent(EventKind::AgentDeleted, name, 0, data))?;
+            tx.delete_agent(agent.id)?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Replaces an agent's token; the old one stops working at once. `ttl_ms` sets a new token
+    /// lifetime; `None` renews the agent's existing lifetime (or none) from now.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] for a bad TTL; [`Error::NotFound`].
+    pub fn rotate_token(&self, name: &str, ttl_ms: Option<i64>) -> Result<Token> {
+        if let Some(t) = ttl_ms {
+            agent::validate_ttl(t)?;
+        }
+        let token = Token::generate()?;
+        let hasher = &self.inner.hasher;
+        let now = self.now();
+        self.write(|tx| {
+            let mut agent = match Self::agent_named(tx, name) {
+                Ok(a) => a,
+                Err(e) => return Ok(Err(e)),
+            };
+            if ttl_ms.is_some() {
+                agent.ttl_ms = ttl_ms;
+                tx.update_agent(&agent)?;
+            }
+            let expires = agent.ttl_ms.map(|t| now.saturating_add(t));
+            tx.set_token(agent.id, &token.hash(), token.display_prefix(), expires)?;
+            let data = json!({ "ttl_ms": agent.ttl_ms, "expires_at_ms": expires });
+            ledger::append(tx, hasher, now, NewEvent::agent(EventKind::TokenRotated, name, 0, data))?;
+            Ok(Ok(()))
+        })?;
+        Ok(token)
+    }
+
+    // ---- one guarded call -----------------------------------------------------------------------
+
+    /// Admits a call: auth, idempotency, policy, budget (see [`crate::admission`]). On success the
+    /// estimate is reserved until settled or expired.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] for malformed input (nothing recorded); the denials
+    /// [`Error::Unauthenticated`], [`Error::PolicyDenied`], [`Error::InsufficientBudget`] (each
+    /// recorded in the ledger, nothing reserved); [`Error::Conflict`] for a reused execution id
+    /// with a different request.
+    pub fn admit(&self, token: &str, request: &AdmitRequest) -> Result<Admission> {
+        request.validate()?;
+        let execution_id = match &request.execution_id {
+            Some(id) => id.clone(),
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        let config = self.config();
+        let cx = admission::Context {
+            hasher: &self.inner.hasher,
+            config: &config,
+            now: self.now(),
+            reservation_ttl_ms: self.inner.reservation_ttl_ms,
+        };
+        self.write(|tx| admission::admit(tx, &cx, token, request, &execution_id))
+    }
+
+    /// Records that the call was handed to the provider. From then on an expired reservation is
+    /// charged in full instead of released. Idempotent.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Conflict`] if the execution is already terminal.
+    pub fn mark_dispatched(&self, execution_id: &str) -> Result<Execution> {
+        let now = self.now();
+        self.write(|tx| settlement::mark_dispatched(tx, &self.inner.hasher, execution_id, now))
+    }
+
+    /// Settles an execution at the real `usage`, priced with the reservation's prices.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] for bad usage (nothing changes); [`Error::NotFound`];
+    /// [`Error::Conflict`] if the execution was settled otherwise.
+    pub fn commit(&self, execution_id: &str, usage: Usage) -> Result<Settlement> {
+        self.settle(execution_id, Terminal::Commit(usage))
+    }
+
+    /// Gives an execution's reservation back: the call did not happen.
+    ///
+    /// # Errors
+    /// As [`Kernel::commit`].
+    pub fn release(&self, execution_id: &str, reason: &str) -> Result<Settlement> {
+        self.settle(execution_id, Terminal::Release(reason))
+    }
+
+    /// Gives an execution's reservation back and records the failure.
+    ///
+    /// # Errors
+    /// As [`Kernel::commit`].
+    pub fn fail(&self, execution_id: &str, error: &str) -> Result<Settlement> {
+        self.settle(execution_id, Terminal::Fail(error))
+    }
+
+    fn settle(&self, execution_id: &str, call: Terminal<'_>) -> Result<Settlement> {
+        call.validate()?;
+        let now = self.now();
+        self.write(|tx| settlement::settle(tx, &self.inner.hasher, execution_id, call, now))
+    }
+
+    /// One execution as stored.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`].
+    pub fn execution(&self, execution_id: &str) -> Result<Execution> {
+        self.read(|tx| {
+            tx.execution(execution_id)?
+                .ok_or_else(|| Error::NotFound { what: NotFoundKind::Execution, key: execution_id.to_string() })
+        })
+    }
+
+    /// Expires every due reservation of every agent (see [`crate::reconcile`]). Runs on open;
+    /// admissions do it lazily per agent, so calling it is never required.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn reconcile(&self) -> Result<ReconcileReport> {
+        let now = self.now();
+        self.write(|tx| reconcile::expire_due(tx, &self.inner.hasher, None, now).map(Ok))
+    }
+
+    // ---- ledger -----------------------------------------------------------------------------------
+
+    /// The latest event's seq and hash, or `None` for an empty ledger.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn head(&self) -> Result<Option<Head>> {
+        self.read(|tx| tx.ledger_head())
+    }
+
+    /// Up to `limit` events from `from_seq` on, in order.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn events(&self, from_seq: u64, limit: usize) -> Result<Vec<Event>> {
+        self.read(|tx| {
+            let mut out = Vec::new();
+            tx.for_each_event(from_seq, &mut |e| {
+                out.push(e);
+                Ok(out.len() < limit)
+            })?;
+            Ok(out)
+        })
+    }
+
+    /// Verifies the ledger and the counters over one snapshot (see [`crate::ledger::audit`]).
+    /// With `anchor`, also proves the event at `anchor.seq` still has `anchor.hash`.
+    ///
+    /// # Errors
+    /// Store errors only: what the audit finds is in the report.
+    pub fn audit(&self, anchor: Option<&Head>) -> Result<AuditReport> {
+        self.read(|tx| audit::run(tx, &self.inner.hasher, anchor))
+    }
+}

@@ -1,0 +1,73 @@
+//! Expiry of reservations that were never settled (a crashed or forgetful worker).
+//!
+//! Every reservation carries `expires_at_ms` (admission time + the kernel's reservation TTL).
+//! Once that time has passed:
+//! * a reservation never dispatched is **released** — no call left the process;
+//! * a dispatched one is **settled at its full reservation** — the provider may have billed, and
+//!   aex never under-charges.
+//!
+//! Both are `execution.expired` events whose `amount` is what was charged. Expiry runs when a
+//! kernel opens the store, lazily inside every admission for the agent it touches, and inside any
+//! settlement call on an execution that is due, so a dead worker never blocks a budget past the
+//! TTL, restart or not, and no background thread is needed.
+
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::execution::{Execution, ExecutionState};
+use crate::ledger::{self, ChainHasher, EventKind, NewEvent};
+use crate::store::Tx;
+
+/// The `reason` recorded on an execution settled by expiry.
+pub const EXPIRED_REASON: &str = "expired";
+
+/// What a reconcile pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReconcileReport {
+    /// Reservations released (never dispatched).
+    pub released: u64,
+    /// Dispatched reservations settled at their full amount.
+    pub settled: u64,
+}
+
+/// Expires every due open execution, of one agent or of all.
+pub(crate) fn expire_due(tx: &mut dyn Tx, hasher: &ChainHasher, agent_id: Option<i64>, now: i64) -> Result<ReconcileReport> {
+    let mut report = ReconcileReport::default();
+    for mut e in tx.open_executions(agent_id, Some(now))? {
+        if e.state == ExecutionState::Dispatched {
+            report.settled += 1;
+        } else {
+            report.released += 1;
+        }
+        expire(tx, hasher, &mut e, now)?;
+    }
+    Ok(report)
+}
+
+/// Applies the expiry rule to one open execution that is due.
+pub(crate) fn expire(tx: &mut dyn Tx, hasher: &ChainHasher, e: &mut Execution, now: i64) -> Result<()> {
+    let mut agent = tx
+        .agent_by_id(e.agent_id)?
+        .ok_or_else(|| Error::Internal(format!("open execution '{}' has no agent", e.id)))?;
+    let (state, charged) = if e.state == ExecutionState::Dispatched {
+        (ExecutionState::Committed, e.reserved_micro)
+    } else {
+        (ExecutionState::Released, 0)
+    };
+    agent.reserved_micro -= e.reserved_micro;
+    agent.spent_micro += charged;
+    e.state = state;
+    e.reason = Some(EXPIRED_REASON.to_string());
+    e.settled_at_ms = Some(now);
+    if charged > 0 || state == ExecutionState::Committed {
+        e.cost_micro = Some(charged);
+    }
+    tx.update_execution(e)?;
+    tx.update_counters(agent.id, agent.spent_micro, agent.reserved_micro)?;
+    let data = json!({
+        "settled_as": state.as_str(),
+        "reserved_micro": e.reserved_micro,
+        "expires_at_ms": e.expires_at_ms,
+    });
+    ledger::append(tx, hasher, now, NewEvent::execution(EventKind::Expired, &e.agent, &e.id, charged, data))
+}

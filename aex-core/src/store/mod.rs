@@ -1,0 +1,83 @@
+//! Persistence behind a trait, so the rules never see SQL.
+//!
+//! A [`Store`] runs closures inside transactions. A write transaction is exclusive across threads
+//! and processes from its first statement (SQLite's `BEGIN IMMEDIATE`), so the check and the
+//! reservation of an admission see and change the same state; nothing read in one transaction is
+//! trusted in the next. A read transaction sees one consistent snapshot.
+//!
+//! [`SqliteStore`] is the embedded implementation. A server-backed store for multi-machine fleets
+//! implements the same two traits and the rules above it stay unchanged.
+
+mod sqlite;
+
+pub use sqlite::{Durability, SqliteStore, StoreOptions};
+
+use crate::agent::Agent;
+use crate::auth::TokenHash;
+use crate::error::Result;
+use crate::execution::Execution;
+use crate::ledger::{Event, Head};
+
+/// A transactional store. Implementations are shared between threads.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Runs `f` in an exclusive write transaction: committed if `f` returns `Ok`, rolled back
+    /// (leaving no trace) if it returns `Err`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Unavailable`] when the store stays busy past its timeout or I/O fails;
+    /// whatever `f` returns.
+    fn write(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()>;
+
+    /// Runs `f` over one consistent snapshot; it must not write.
+    ///
+    /// # Errors
+    /// As [`Store::write`].
+    fn read(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()>;
+}
+
+/// The operations the rules need inside one transaction.
+pub trait Tx {
+    /// The agent holding this token digest.
+    fn agent_by_token(&mut self, token: &TokenHash) -> Result<Option<Agent>>;
+    /// The agent with this name.
+    fn agent_by_name(&mut self, name: &str) -> Result<Option<Agent>>;
+    /// The agent with this id.
+    fn agent_by_id(&mut self, id: i64) -> Result<Option<Agent>>;
+    /// All agents, by name.
+    fn agents(&mut self) -> Result<Vec<Agent>>;
+    /// Inserts an agent (its `id` is ignored) and returns the new id. Names are unique: inserting
+    /// a taken name is a [`crate::Error::Conflict`].
+    fn insert_agent(&mut self, agent: &Agent, token: &TokenHash) -> Result<i64>;
+    /// Writes an agent's settings and counters (not its token).
+    fn update_agent(&mut self, agent: &Agent) -> Result<()>;
+    /// Writes only an agent's counters.
+    fn update_counters(&mut self, agent_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()>;
+    /// Replaces an agent's token.
+    fn set_token(&mut self, agent_id: i64, token: &TokenHash, prefix: &str, expires_at_ms: Option<i64>) -> Result<()>;
+    /// Deletes an agent row.
+    fn delete_agent(&mut self, agent_id: i64) -> Result<()>;
+
+    /// The execution with this id.
+    fn execution(&mut self, id: &str) -> Result<Option<Execution>>;
+    /// Inserts a new execution.
+    fn insert_execution(&mut self, execution: &Execution) -> Result<()>;
+    /// Writes an execution's state and settlement fields.
+    fn update_execution(&mut self, execution: &Execution) -> Result<()>;
+    /// Open (reserved or dispatched) executions, of one agent or all, optionally only those whose
+    /// `expires_at_ms <= expiring_by`, oldest first.
+    fn open_executions(&mut self, agent_id: Option<i64>, expiring_by: Option<i64>) -> Result<Vec<Execution>>;
+    /// Calls `f` on every execution, in id order.
+    fn for_each_execution(&mut self, f: &mut dyn FnMut(Execution) -> Result<()>) -> Result<()>;
+
+    /// The latest event's seq and hash.
+    fn ledger_head(&mut self) -> Result<Option<Head>>;
+    /// Appends one event.
+    fn append_event(&mut self, event: &Event) -> Result<()>;
+    /// Calls `f` on events with `seq >= from_seq` in seq order until it returns `false`.
+    fn for_each_event(&mut self, from_seq: u64, f: &mut dyn FnMut(Event) -> Result<bool>) -> Result<()>;
+
+    /// A value from the store's metadata.
+    fn meta(&mut self, key: &str) -> Result<Option<String>>;
+    /// Sets a metadata value.
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<()>;
+}

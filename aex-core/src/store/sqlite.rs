@@ -1,0 +1,597 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! One connection per [`SqliteStore`], behind a mutex: threads of one process take turns, which
+//! costs nothing because SQLite admits one writer at a time anyway. Across processes, every write
+//! transaction first takes an exclusive `flock` on a side file (`<db>.lock`), then `BEGIN
+//! IMMEDIATE`. The kernel's lock queue is fair where SQLite's busy handler is not (with several
+//! processes, some waited seconds for one transaction), and SQLite's own locks plus
+//! `busy_timeout` still protect against writers that do not take the side lock, such as the
+//! `sqlite3` shell. The side lock is held only for the length of one short transaction.
+//!
+//! Nothing read is cached between transactions: another process's change, or a hand edit in the
+//! `sqlite3` shell, governs the very next operation.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+
+use super::{Store, Tx};
+use crate::agent::{Agent, Capabilities};
+use crate::auth::{Scope, TokenHash};
+use crate::config::Prices;
+use crate::error::{ConflictReason, Error, Result};
+use crate::execution::{Execution, ExecutionState};
+use crate::ledger::{Event, Head};
+use crate::settlement::Usage;
+
+/// How hard each commit is pushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Every commit is fsynced before it returns (`synchronous=FULL`). Survives power loss.
+    #[default]
+    Full,
+    /// WAL is fsynced at checkpoints (`synchronous=NORMAL`). Survives a process crash; a power
+    /// loss may roll back the last commits, never corrupt the file.
+    Normal,
+    /// No fsync at all (`synchronous=OFF`). Survives a process crash, not an OS crash. For tests.
+    Memory,
+}
+
+impl Durability {
+    /// Parses `full`, `normal` or `memory`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] on field `durability`.
+    pub fn parse(s: &str) -> Result<Durability> {
+        match s {
+            "full" => Ok(Durability::Full),
+            "normal" => Ok(Durability::Normal),
+            "memory" => Ok(Durability::Memory),
+            _ => Err(Error::invalid("durability", format!("must be 'full', 'normal' or 'memory', got '{s}'"))),
+        }
+    }
+
+    fn pragma(self) -> &'static str {
+        match self {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+            Durability::Memory => "OFF",
+        }
+    }
+}
+
+/// Store settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// fsync policy.
+    pub durability: Durability,
+    /// How long a transaction waits for SQLite's lock before failing with `Unavailable`.
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { durability: Durability::Full, busy_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// The schema, one entry per version; `PRAGMA user_version` holds how many are applied.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE agents (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    name              TEXT    NOT NULL UNIQUE,
+    token_hash        BLOB    NOT NULL UNIQUE,
+    token_prefix      TEXT    NOT NULL,
+    scope             TEXT    NOT NULL,
+    ttl_ms            INTEGER,
+    expires_at_ms     INTEGER,
+    disabled          INTEGER NOT NULL,
+    budget_micro      INTEGER NOT NULL,
+    spent_micro       INTEGER NOT NULL,
+    reserved_micro    INTEGER NOT NULL,
+    rpm               INTEGER,
+    tpm               INTEGER,
+    allowed_models    TEXT    NOT NULL,
+    allow_tools       INTEGER NOT NULL,
+    allow_streaming   INTEGER NOT NULL,
+    allow_vision      INTEGER NOT NULL,
+    strict            INTEGER NOT NULL,
+    allow_passthrough INTEGER NOT NULL,
+    created_at_ms     INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE executions (
+    id                 TEXT    PRIMARY KEY,
+    agent_id           INTEGER NOT NULL,
+    agent              TEXT    NOT NULL,
+    request_hash       BLOB    NOT NULL,
+    state              TEXT    NOT NULL,
+    model              TEXT    NOT NULL,
+    input_tokens       INTEGER NOT NULL,
+    max_output_tokens  INTEGER NOT NULL,
+    input_price        INTEGER NOT NULL,
+    output_price       INTEGER NOT NULL,
+    cached_input_price INTEGER,
+    reserved_micro     INTEGER NOT NULL,
+    cost_micro         INTEGER,
+    usage_input        INTEGER,
+    usage_output       INTEGER,
+    usage_cached_input INTEGER,
+    reason             TEXT,
+    created_at_ms      INTEGER NOT NULL,
+    expires_at_ms      INTEGER NOT NULL,
+    dispatched_at_ms   INTEGER,
+    settled_at_ms      INTEGER
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX executions_open ON executions (agent_id, expires_at_ms)
+    WHERE state IN ('RESERVED', 'DISPATCHED');
+
+CREATE TABLE ledger (
+    seq          INTEGER PRIMARY KEY,
+    ts_ms        INTEGER NOT NULL,
+    kind         TEXT    NOT NULL,
+    agent        TEXT,
+    execution_id TEXT,
+    amount_micro INTEGER NOT NULL,
+    data         TEXT    NOT NULL,
+    prev_hash    BLOB    NOT NULL,
+    hash         BLOB    NOT NULL
+) STRICT;
+
+CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+"];
+
+/// The SQLite implementation of [`Store`]. `Send + Sync`; share it behind an `Arc`.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    /// The cross-process write lock; `None` for an in-memory database.
+    lock: Option<File>,
+    path: Option<PathBuf>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and migrates its schema.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the file cannot be opened, locked or migrated, or its schema is
+    /// newer than this version of aex understands.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<SqliteStore> {
+        let conn = Connection::open(path).map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::Unavailable(format!("cannot open lock file {}: {e}", Path::new(&lock_path).display())))?;
+        conn.busy_timeout(options.busy_timeout)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", options.durability.pragma())?;
+        let store = SqliteStore { conn: Mutex::new(conn), lock: Some(lock), path: Some(path.to_path_buf()) };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// A private in-memory database, for tests and throwaway kernels.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if SQLite cannot allocate it.
+    pub fn open_in_memory() -> Result<SqliteStore> {
+        let conn = Connection::open_in_memory()?;
+        let store = SqliteStore { conn: Mutex::new(conn), lock: None, path: None };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The database file, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    fn migrate(&self) -> Result<()> {
+        self.transact(true, |tx| {
+            let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            let known = MIGRATIONS.len() as i64;
+            if version > known {
+                return Err(Error::Unavailable(format!(
+                    "database schema version {version} is newer than this aex understands ({known}); upgrade aex"
+                )));
+            }
+            for sql in &MIGRATIONS[version as usize..] {
+                tx.execute_batch(sql)?;
+            }
+            tx.pragma_update(None, "user_version", known)?;
+            Ok(())
+        })
+    }
+
+    /// Runs `f` in a transaction: `BEGIN IMMEDIATE` under the side lock when `write`, a deferred
+    /// (snapshot) transaction otherwise. Commits on `Ok`; dropping the transaction on `Err` or
+    /// unwind rolls it back.
+    fn transact<T>(&self, write: bool, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock();
+        let _side = if write { Some(SideLock::take(self.lock.as_ref())?) } else { None };
+        let behavior = if write { TransactionBehavior::Immediate } else { TransactionBehavior::Deferred };
+        let tx = conn.transaction_with_behavior(behavior)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// Holds the cross-process lock for one write transaction.
+struct SideLock<'a>(Option<&'a File>);
+
+impl<'a> SideLock<'a> {
+    fn take(file: Option<&'a File>) -> Result<Self> {
+        if let Some(f) = file {
+            f.lock().map_err(|e| Error::Unavailable(format!("cannot take the store's write lock: {e}")))?;
+        }
+        Ok(SideLock(file))
+    }
+}
+
+impl Drop for SideLock<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0 {
+            // Closing the process also releases it; an unlock error leaves nothing to do.
+            let _ = f.unlock();
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn write(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
+        self.transact(true, |tx| f(&mut SqliteTx(tx)))
+    }
+
+    fn read(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
+        self.transact(false, |tx| f(&mut SqliteTx(tx)))
+    }
+}
+
+struct SqliteTx<'t, 'c>(&'t Transaction<'c>);
+
+const AGENT_COLUMNS: &str = "id, name, token_prefix, scope, ttl_ms, expires_at_ms, disabled, budget_micro, \
+     spent_micro, reserved_micro, rpm, tpm, allowed_models, allow_tools, allow_streaming, allow_vision, strict, \
+     allow_passthrough, created_at_ms";
+
+fn agent_from_row(r: &Row<'_>) -> rusqlite::Result<Agent> {
+    let scope: String = r.get(3)?;
+    let models: String = r.get(12)?;
+    Ok(Agent {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        token_prefix: r.get(2)?,
+        scope: if scope == Scope::ReadOnly.as_str() { Scope::ReadOnly } else { Scope::Execution },
+        ttl_ms: r.get(4)?,
+        expires_at_ms: r.get(5)?,
+        disabled: r.get(6)?,
+        budget_micro: r.get(7)?,
+        spent_micro: r.get(8)?,
+        reserved_micro: r.get(9)?,
+        rpm: r.get(10)?,
+        tpm: r.get::<_, Option<i64>>(11)?.map(|v| v.max(0) as u64),
+        allowed_models: serde_json::from_str(&models).unwrap_or_default(),
+        capabilities: Capabilities { tools: r.get(13)?, streaming: r.get(14)?, vision: r.get(15)? },
+        strict: r.get(16)?,
+        allow_passthrough: r.get(17)?,
+        created_at_ms: r.get(18)?,
+    })
+}
+
+const EXECUTION_COLUMNS: &str = "id, agent_id, agent, request_hash, state, model, input_tokens, max_output_tokens, \
+     input_price, output_price, cached_input_price, reserved_micro, cost_micro, usage_input, usage_output, \
+     usage_cached_input, reason, created_at_ms, expires_at_ms, dispatched_at_ms, settled_at_ms";
+
+fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
+    let hash: Vec<u8> = r.get(3)?;
+    let state: String = r.get(4)?;
+    let usage_input: Option<i64> = r.get(13)?;
+    let usage = match usage_input {
+        Some(input_tokens) => Some(Usage {
+            input_tokens,
+            output_tokens: r.get::<_, Option<i64>>(14)?.unwrap_or(0),
+            cached_input_tokens: r.get::<_, Option<i64>>(15)?.unwrap_or(0),
+        }),
+        None => None,
+    };
+    Ok(Execution {
+        id: r.get(0)?,
+        agent_id: r.get(1)?,
+        agent: r.get(2)?,
+        request_hash: hash.try_into().unwrap_or([0; 32]),
+        state: ExecutionState::parse(&state).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        model: r.get(5)?,
+        input_tokens: r.get(6)?,
+        max_output_tokens: r.get(7)?,
+        prices: Prices { input: r.get(8)?, output: r.get(9)?, cached_input: r.get(10)? },
+        reserved_micro: r.get(11)?,
+        cost_micro: r.get(12)?,
+        usage,
+        reason: r.get(16)?,
+        created_at_ms: r.get(17)?,
+        expires_at_ms: r.get(18)?,
+        dispatched_at_ms: r.get(19)?,
+        settled_at_ms: r.get(20)?,
+    })
+}
+
+fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
+    let blob32 = |v: Vec<u8>| {
+        // A tampered hash of the wrong length still loads; audit reports the mismatch.
+        let mut out = [0u8; 32];
+        let n = v.len().min(32);
+        out[..n].copy_from_slice(&v[..n]);
+        out
+    };
+    Ok(Event {
+        seq: r.get::<_, i64>(0)?.max(0) as u64,
+        ts_ms: r.get(1)?,
+        kind: r.get(2)?,
+        agent: r.get(3)?,
+        execution_id: r.get(4)?,
+        amount_micro: r.get(5)?,
+        data: r.get(6)?,
+        prev_hash: blob32(r.get(7)?),
+        hash: blob32(r.get(8)?),
+    })
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+impl Tx for SqliteTx<'_, '_> {
+    fn agent_by_token(&mut self, token: &TokenHash) -> Result<Option<Agent>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE token_hash = ?1");
+        Ok(self.0.prepare_cached(&sql)?.query_row([&token.0[..]], agent_from_row).optional()?)
+    }
+
+    fn agent_by_name(&mut self, name: &str) -> Result<Option<Agent>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE name = ?1");
+        Ok(self.0.prepare_cached(&sql)?.query_row([name], agent_from_row).optional()?)
+    }
+
+    fn agent_by_id(&mut self, id: i64) -> Result<Option<Agent>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1");
+        Ok(self.0.prepare_cached(&sql)?.query_row([id], agent_from_row).optional()?)
+    }
+
+    fn agents(&mut self) -> Result<Vec<Agent>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY name");
+        let mut stmt = self.0.prepare_cached(&sql)?;
+        let rows = stmt.query_map([], agent_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn insert_agent(&mut self, a: &Agent, token: &TokenHash) -> Result<i64> {
+        let models = serde_json::to_string(&a.allowed_models).map_err(|e| Error::Internal(e.to_string()))?;
+        let res = self.0.prepare_cached(
+            "INSERT INTO agents (name, token_hash, token_prefix, scope, ttl_ms, expires_at_ms, disabled, budget_micro, \
+             spent_micro, reserved_micro, rpm, tpm, allowed_models, allow_tools, allow_streaming, allow_vision, strict, \
+             allow_passthrough, created_at_ms) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)",
+        )?
+        .execute(params![
+            a.name,
+            &token.0[..],
+            a.token_prefix,
+            a.scope.as_str(),
+            a.ttl_ms,
+            a.expires_at_ms,
+            a.disabled,
+            a.budget_micro,
+            a.spent_micro,
+            a.reserved_micro,
+            a.rpm,
+            a.tpm.map(|v| v as i64),
+            models,
+            a.capabilities.tools,
+            a.capabilities.streaming,
+            a.capabilities.vision,
+            a.strict,
+            a.allow_passthrough,
+            a.created_at_ms,
+        ]);
+        match res {
+            Ok(_) => Ok(self.0.last_insert_rowid()),
+            Err(e) if is_unique_violation(&e) => {
+                Err(Error::conflict(ConflictReason::NameTaken, format!("an agent named '{}' exists already", a.name)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn update_agent(&mut self, a: &Agent) -> Result<()> {
+        let models = serde_json::to_string(&a.allowed_models).map_err(|e| Error::Internal(e.to_string()))?;
+        self.0
+            .prepare_cached(
+                "UPDATE agents SET scope=?2, ttl_ms=?3, expires_at_ms=?4, disabled=?5, budget_micro=?6, spent_micro=?7, \
+                 reserved_micro=?8, rpm=?9, tpm=?10, allowed_models=?11, allow_tools=?12, allow_streaming=?13, \
+                 allow_vision=?14, strict=?15, allow_passthrough=?16 WHERE id=?1",
+            )?
+            .execute(params![
+                a.id,
+                a.scope.as_str(),
+                a.ttl_ms,
+                a.expires_at_ms,
+                a.disabled,
+                a.budget_micro,
+                a.spent_micro,
+                a.reserved_micro,
+                a.rpm,
+                a.tpm.map(|v| v as i64),
+                models,
+                a.capabilities.tools,
+                a.capabilities.streaming,
+                a.capabilities.vision,
+                a.strict,
+                a.allow_passthrough,
+            ])?;
+        Ok(())
+    }
+
+    fn update_counters(&mut self, agent_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()> {
+        self.0
+            .prepare_cached("UPDATE agents SET spent_micro=?2, reserved_micro=?3 WHERE id=?1")?
+            .execute(params![agent_id, spent_micro, reserved_micro])?;
+        Ok(())
+    }
+
+    fn set_token(&mut self, agent_id: i64, token: &TokenHash, prefix: &str, expires_at_ms: Option<i64>) -> Result<()> {
+        self.0
+            .prepare_cached("UPDATE agents SET token_hash=?2, token_prefix=?3, expires_at_ms=?4 WHERE id=?1")?
+            .execute(params![agent_id, &token.0[..], prefix, expires_at_ms])?;
+        Ok(())
+    }
+
+    fn delete_agent(&mut self, agent_id: i64) -> Result<()> {
+        self.0.prepare_cached("DELETE FROM agents WHERE id=?1")?.execute([agent_id])?;
+        Ok(())
+    }
+
+    fn execution(&mut self, id: &str) -> Result<Option<Execution>> {
+        let sql = format!("SELECT {EXECUTION_COLUMNS} FROM executions WHERE id = ?1");
+        Ok(self.0.prepare_cached(&sql)?.query_row([id], execution_from_row).optional()?)
+    }
+
+    fn insert_execution(&mut self, e: &Execution) -> Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO executions (id, agent_id, agent, request_hash, state, model, input_tokens, \
+                 max_output_tokens, input_price, output_price, cached_input_price, reserved_micro, created_at_ms, \
+                 expires_at_ms) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)",
+            )?
+            .execute(params![
+                e.id,
+                e.agent_id,
+                e.agent,
+                &e.request_hash[..],
+                e.state.as_str(),
+                e.model,
+                e.input_tokens,
+                e.max_output_tokens,
+                e.prices.input,
+                e.prices.output,
+                e.prices.cached_input,
+                e.reserved_micro,
+                e.created_at_ms,
+                e.expires_at_ms,
+            ])?;
+        Ok(())
+    }
+
+    fn update_execution(&mut self, e: &Execution) -> Result<()> {
+        let u = e.usage.as_ref();
+        self.0
+            .prepare_cached(
+                "UPDATE executions SET state=?2, cost_micro=?3, usage_input=?4, usage_output=?5, usage_cached_input=?6, \
+                 reason=?7, dispatched_at_ms=?8, settled_at_ms=?9 WHERE id=?1",
+            )?
+            .execute(params![
+                e.id,
+                e.state.as_str(),
+                e.cost_micro,
+                u.map(|u| u.input_tokens),
+                u.map(|u| u.output_tokens),
+                u.map(|u| u.cached_input_tokens),
+                e.reason,
+                e.dispatched_at_ms,
+                e.settled_at_ms,
+            ])?;
+        Ok(())
+    }
+
+    fn open_executions(&mut self, agent_id: Option<i64>, expiring_by: Option<i64>) -> Result<Vec<Execution>> {
+        let sql = format!(
+            "SELECT {EXECUTION_COLUMNS} FROM executions WHERE state IN ('RESERVED', 'DISPATCHED') \
+             AND (?1 IS NULL OR agent_id = ?1) AND (?2 IS NULL OR expires_at_ms <= ?2) ORDER BY expires_at_ms, id"
+        );
+        let mut stmt = self.0.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![agent_id, expiring_by], execution_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn for_each_execution(&mut self, f: &mut dyn FnMut(Execution) -> Result<()>) -> Result<()> {
+        let sql = format!("SELECT {EXECUTION_COLUMNS} FROM executions ORDER BY id");
+        let mut stmt = self.0.prepare(&sql)?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            f(execution_from_row(r)?)?;
+        }
+        Ok(())
+    }
+
+    fn ledger_head(&mut self) -> Result<Option<Head>> {
+        Ok(self
+            .0
+            .prepare_cached("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")?
+            .query_row([], |r| {
+                let seq: i64 = r.get(0)?;
+                let hash: Vec<u8> = r.get(1)?;
+                Ok(Head { seq: seq.max(0) as u64, hash: hash.try_into().unwrap_or([0; 32]) })
+            })
+            .optional()?)
+    }
+
+    fn append_event(&mut self, e: &Event) -> Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO ledger (seq, ts_ms, kind, agent, execution_id, amount_micro, data, prev_hash, hash) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+            )?
+            .execute(params![
+                e.seq as i64,
+                e.ts_ms,
+                e.kind,
+                e.agent,
+                e.execution_id,
+                e.amount_micro,
+                e.data,
+                &e.prev_hash[..],
+                &e.hash[..],
+            ])?;
+        Ok(())
+    }
+
+    fn for_each_event(&mut self, from_seq: u64, f: &mut dyn FnMut(Event) -> Result<bool>) -> Result<()> {
+        let mut stmt = self.0.prepare(
+            "SELECT seq, ts_ms, kind, agent, execution_id, amount_micro, data, prev_hash, hash FROM ledger \
+             WHERE seq >= ?1 ORDER BY seq",
+        )?;
+        let mut rows = stmt.query([from_seq as i64])?;
+        while let Some(r) = rows.next()? {
+            if !f(event_from_row(r)?)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn meta(&mut self, key: &str) -> Result<Option<String>> {
+        Ok(self.0.prepare_cached("SELECT value FROM meta WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()?)
+    }
+
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
+        self.0
+            .prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2")?
+            .execute([key, value])?;
+        Ok(())
+    }
+}
