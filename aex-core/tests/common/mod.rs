@@ -1,0 +1,70 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use aex_core::{
+    Agent, AgentSpec, Config, Durability, Kernel, KernelOptions, ManualClock, ModelSpec, Prices, StoreOptions,
+};
+
+/// $0.15 / $0.60 per million tokens, like gpt-4o-mini; output capped at 1,000 tokens.
+pub const MODEL: &str = "mini";
+/// $3 / $15 per million tokens; output capped at 4,096.
+pub const BIG_MODEL: &str = "big";
+/// Start of the manual clock: 2026-01-01T00:00:00Z.
+pub const T0: i64 = 1_767_225_600_000;
+
+pub fn config() -> Config {
+    Config::new()
+        .with_model(MODEL, ModelSpec { prices: Prices::from_usd("0.15", "0.60").unwrap(), max_output_tokens: 1_000 })
+        .unwrap()
+        .with_model(
+            BIG_MODEL,
+            ModelSpec {
+                prices: Prices { input: 3_000_000, output: 15_000_000, cached_input: Some(300_000) },
+                max_output_tokens: 4_096,
+            },
+        )
+        .unwrap()
+}
+
+pub fn options(clock: &ManualClock) -> KernelOptions {
+    KernelOptions { config: config(), clock: Arc::new(clock.clone()), ..Default::default() }
+}
+
+/// An in-memory kernel on a manual clock.
+pub fn kernel() -> (Kernel, ManualClock) {
+    let clock = ManualClock::new(T0);
+    (Kernel::open_in_memory(options(&clock)).unwrap(), clock)
+}
+
+/// A kernel on a file in `dir`, with the system clock and `normal` durability.
+pub fn file_kernel(path: &std::path::Path) -> Kernel {
+    let options = KernelOptions {
+        config: config(),
+        store: StoreOptions { durability: Durability::Normal, ..Default::default() },
+        ..Default::default()
+    };
+    Kernel::open(path, options).unwrap()
+}
+
+/// Creates an agent and returns its token text.
+pub fn agent(k: &Kernel, name: &str, budget_micro: i64) -> String {
+    k.create_agent(&AgentSpec::new(name, budget_micro)).unwrap().token.expose().to_string()
+}
+
+/// Everything observable about the kernel's state, to prove an operation changed nothing.
+#[derive(Debug, PartialEq)]
+pub struct Snapshot {
+    pub agents: Vec<Agent>,
+    pub head: Option<aex_core::Head>,
+}
+
+pub fn snapshot(k: &Kernel) -> Snapshot {
+    Snapshot { agents: k.list_agents().unwrap(), head: k.head().unwrap() }
+}
+
+pub fn assert_clean(k: &Kernel) {
+    let report = k.audit(None).unwrap();
+    assert!(report.is_clean(), "audit failed: {:?}", report.failure);
+}
