@@ -1,0 +1,182 @@
+//! Races: threads sharing one kernel, OS processes sharing one file, and a worker killed with
+//! SIGKILL between admission and settlement.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use aex_core::{AdmitRequest, ExecutionState, Kernel, KernelOptions, ManualClock, SystemClock, Usage};
+use common::*;
+
+/// Each call reserves exactly 450 micro-USD and commits exactly that.
+const PER_CALL: i64 = 450;
+
+fn req() -> AdmitRequest {
+    AdmitRequest::new(MODEL).input_tokens(1_000).max_output_tokens(500)
+}
+
+/// Admits and commits until the budget says no; returns how many calls were admitted. After
+/// every admission it checks that the agent never holds more than its budget.
+fn run_until_denied(k: &Kernel, token: &str, name: &str) -> i64 {
+    let mut admitted = 0;
+    loop {
+        match k.admit(token, &req()) {
+            Ok(a) => {
+                assert_eq!(a.reserved_micro, PER_CALL);
+                let agent = k.agent(name).unwrap();
+                assert!(
+                    agent.spent_micro + agent.reserved_micro <= agent.budget_micro,
+                    "overshoot: {agent:?}"
+                );
+                admitted += 1;
+                k.mark_dispatched(&a.execution_id).unwrap();
+                let s = k.commit(&a.execution_id, Usage::new(1_000, 500)).unwrap();
+                assert_eq!(s.cost_micro, PER_CALL);
+            }
+            Err(e) => {
+                assert_eq!(e.status(), 402, "{e}");
+                return admitted;
+            }
+        }
+    }
+}
+
+#[test]
+fn eight_threads_admit_exactly_k_calls() {
+    const K: i64 = 120;
+    let dir = tempfile::tempdir().unwrap();
+    let k = file_kernel(&dir.path().join("aex.db"));
+    let token = Arc::new(agent(&k, "atlas", K * PER_CALL));
+    let total = Arc::new(AtomicI64::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (k, token, total) = (k.clone(), token.clone(), total.clone());
+            std::thread::spawn(move || total.fetch_add(run_until_denied(&k, &token, "atlas"), Ordering::SeqCst))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(total.load(Ordering::SeqCst), K);
+    let a = k.agent("atlas").unwrap();
+    assert_eq!((a.spent_micro, a.reserved_micro), (K * PER_CALL, 0));
+    assert_clean(&k);
+}
+
+/// Marks what a child process reports, among libtest's own output (which may share the line).
+const MARK: &str = "AEX-CHILD ";
+
+/// Re-runs this test binary as a child executing only `test_name`, with `env` set.
+fn spawn_child(test_name: &str, env: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test_name, "--ignored", "--nocapture", "--test-threads=1"]).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn child_lines(child: &mut std::process::Child) -> impl Iterator<Item = String> + '_ {
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| l.find(MARK).map(|at| l[at + MARK.len()..].to_string()))
+}
+
+/// The body of one racing process, started by `four_processes_admit_exactly_k_calls`.
+#[test]
+#[ignore = "the body of a child process: its parent test runs it"]
+fn child_racer() {
+    let db = std::env::var("AEX_TEST_DB").expect("run by four_processes_admit_exactly_k_calls");
+    let token = std::env::var("AEX_TEST_TOKEN").expect("run by four_processes_admit_exactly_k_calls");
+    let k = file_kernel(Path::new(&db));
+    println!("{MARK}{}", run_until_denied(&k, &token, "atlas"));
+}
+
+#[test]
+fn four_processes_admit_exactly_k_calls() {
+    const K: i64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("aex.db");
+    let k = file_kernel(&db);
+    let token = agent(&k, "atlas", K * PER_CALL);
+    let db_text = db.to_str().unwrap();
+    let mut children: Vec<_> =
+        (0..4).map(|_| spawn_child("child_racer", &[("AEX_TEST_DB", db_text), ("AEX_TEST_TOKEN", &token)])).collect();
+    let mut total = 0;
+    for c in &mut children {
+        let counts: Vec<i64> = child_lines(c).map(|l| l.parse().unwrap()).collect();
+        assert_eq!(counts.len(), 1, "a child did not report");
+        total += counts[0];
+        assert!(c.wait().unwrap().success());
+    }
+    assert_eq!(total, K);
+    let a = k.agent("atlas").unwrap();
+    assert_eq!((a.spent_micro, a.reserved_micro), (K * PER_CALL, 0));
+    assert_clean(&k);
+}
+
+const CRASH_TTL_MS: i64 = 60_000;
+
+fn crash_options(clock: Arc<dyn aex_core::Clock>) -> KernelOptions {
+    KernelOptions { config: config(), reservation_ttl_ms: CRASH_TTL_MS, clock, ..Default::default() }
+}
+
+/// The body of the worker that gets killed, started by `a_worker_killed_mid_call_is_reconciled_on_reopen`.
+#[test]
+#[ignore = "the body of a child process: its parent test runs it"]
+fn child_crasher() {
+    let db = std::env::var("AEX_TEST_CRASH_DB").expect("run by the crash test");
+    let token = std::env::var("AEX_TEST_TOKEN").expect("run by the crash test");
+    let k = Kernel::open(&db, crash_options(Arc::new(SystemClock))).unwrap();
+    k.admit(&token, &req().execution_id("idle")).unwrap();
+    k.admit(&token, &req().execution_id("sent")).unwrap();
+    k.mark_dispatched("sent").unwrap();
+    println!("{MARK}ready");
+    std::thread::sleep(std::time::Duration::from_secs(120));
+}
+
+#[test]
+fn a_worker_killed_mid_call_is_reconciled_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("aex.db");
+    let token = {
+        let k = Kernel::open(&db, crash_options(Arc::new(SystemClock))).unwrap();
+        agent(&k, "atlas", 10_000)
+    };
+    let mut child = spawn_child("child_crasher", &[("AEX_TEST_CRASH_DB", db.to_str().unwrap()), ("AEX_TEST_TOKEN", &token)]);
+    assert_eq!(child_lines(&mut child).next().as_deref(), Some("ready"));
+    child.kill().unwrap(); // SIGKILL
+    assert!(!child.wait().unwrap().success());
+
+    // Before the TTL nothing is due: both reservations still hold the budget.
+    let now = SystemClock.now_ms_for_test();
+    let k = Kernel::open(&db, crash_options(Arc::new(ManualClock::new(now)))).unwrap();
+    let a = k.agent("atlas").unwrap();
+    assert_eq!((a.spent_micro, a.reserved_micro), (0, 2 * PER_CALL));
+    assert_clean(&k);
+    drop(k);
+
+    // After the TTL, opening reconciles: the idle one is released, the dispatched one charged.
+    let k = Kernel::open(&db, crash_options(Arc::new(ManualClock::new(now + CRASH_TTL_MS + 1)))).unwrap();
+    let a = k.agent("atlas").unwrap();
+    assert_eq!((a.spent_micro, a.reserved_micro), (PER_CALL, 0));
+    assert_eq!(k.execution("idle").unwrap().state, ExecutionState::Released);
+    let sent = k.execution("sent").unwrap();
+    assert_eq!((sent.state, sent.cost_micro, sent.reason.as_deref()), (ExecutionState::Committed, Some(PER_CALL), Some("expired")));
+    assert_clean(&k);
+}
+
+trait NowForTest {
+    fn now_ms_for_test(&self) -> i64;
+}
+
+impl NowForTest for SystemClock {
+    fn now_ms_for_test(&self) -> i64 {
+        aex_core::Clock::now_ms(self)
+    }
+}
