@@ -132,8 +132,9 @@ CREATE TABLE executions (
     settled_at_ms      INTEGER
 ) STRICT, WITHOUT ROWID;
 
-CREATE INDEX executions_open ON executions (agent_id, expires_at_ms)
-    WHERE state IN ('RESERVED', 'DISPATCHED');
+-- Open reservations by expiry: small (only open executions), and only due ones match
+-- `expires_at_ms <= now`, so both the per-agent and the all-agents query read just those.
+CREATE INDEX executions_due ON executions (expires_at_ms) WHERE state IN ('RESERVED', 'DISPATCHED');
 
 CREATE TABLE ledger (
     seq          INTEGER PRIMARY KEY,
@@ -266,9 +267,18 @@ impl Store for SqliteStore {
 
 struct SqliteTx<'t, 'c>(&'t Transaction<'c>);
 
-const AGENT_COLUMNS: &str = "id, name, token_prefix, scope, ttl_ms, expires_at_ms, disabled, budget_micro, \
-     spent_micro, reserved_micro, rpm, tpm, allowed_models, allow_tools, allow_streaming, allow_vision, strict, \
-     allow_passthrough, created_at_ms";
+/// `SELECT <agent columns> FROM agents <rest>`, as a literal so statement lookup costs no
+/// formatting.
+macro_rules! select_agents {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, name, token_prefix, scope, ttl_ms, expires_at_ms, disabled, budget_micro, spent_micro, ",
+            "reserved_micro, rpm, tpm, allowed_models, allow_tools, allow_streaming, allow_vision, strict, ",
+            "allow_passthrough, created_at_ms FROM agents ",
+            $rest
+        )
+    };
+}
 
 fn agent_from_row(r: &Row<'_>) -> rusqlite::Result<Agent> {
     let scope: String = r.get(3)?;
@@ -294,9 +304,17 @@ fn agent_from_row(r: &Row<'_>) -> rusqlite::Result<Agent> {
     })
 }
 
-const EXECUTION_COLUMNS: &str = "id, agent_id, agent, request_hash, state, model, input_tokens, max_output_tokens, \
-     input_price, output_price, cached_input_price, reserved_micro, cost_micro, usage_input, usage_output, \
-     usage_cached_input, reason, created_at_ms, expires_at_ms, dispatched_at_ms, settled_at_ms";
+/// `SELECT <execution columns> FROM executions <rest>`, as a literal.
+macro_rules! select_executions {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, agent_id, agent, request_hash, state, model, input_tokens, max_output_tokens, input_price, ",
+            "output_price, cached_input_price, reserved_micro, cost_micro, usage_input, usage_output, ",
+            "usage_cached_input, reason, created_at_ms, expires_at_ms, dispatched_at_ms, settled_at_ms FROM executions ",
+            $rest
+        )
+    };
+}
 
 fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
     let hash: Vec<u8> = r.get(3)?;
@@ -360,23 +378,23 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 
 impl Tx for SqliteTx<'_, '_> {
     fn agent_by_token(&mut self, token: &TokenHash) -> Result<Option<Agent>> {
-        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE token_hash = ?1");
-        Ok(self.0.prepare_cached(&sql)?.query_row([&token.0[..]], agent_from_row).optional()?)
+        let sql = select_agents!("WHERE token_hash = ?1");
+        Ok(self.0.prepare_cached(sql)?.query_row([&token.0[..]], agent_from_row).optional()?)
     }
 
     fn agent_by_name(&mut self, name: &str) -> Result<Option<Agent>> {
-        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE name = ?1");
-        Ok(self.0.prepare_cached(&sql)?.query_row([name], agent_from_row).optional()?)
+        let sql = select_agents!("WHERE name = ?1");
+        Ok(self.0.prepare_cached(sql)?.query_row([name], agent_from_row).optional()?)
     }
 
     fn agent_by_id(&mut self, id: i64) -> Result<Option<Agent>> {
-        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1");
-        Ok(self.0.prepare_cached(&sql)?.query_row([id], agent_from_row).optional()?)
+        let sql = select_agents!("WHERE id = ?1");
+        Ok(self.0.prepare_cached(sql)?.query_row([id], agent_from_row).optional()?)
     }
 
     fn agents(&mut self) -> Result<Vec<Agent>> {
-        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY name");
-        let mut stmt = self.0.prepare_cached(&sql)?;
+        let sql = select_agents!("ORDER BY name");
+        let mut stmt = self.0.prepare_cached(sql)?;
         let rows = stmt.query_map([], agent_from_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
@@ -467,8 +485,8 @@ impl Tx for SqliteTx<'_, '_> {
     }
 
     fn execution(&mut self, id: &str) -> Result<Option<Execution>> {
-        let sql = format!("SELECT {EXECUTION_COLUMNS} FROM executions WHERE id = ?1");
-        Ok(self.0.prepare_cached(&sql)?.query_row([id], execution_from_row).optional()?)
+        let sql = select_executions!("WHERE id = ?1");
+        Ok(self.0.prepare_cached(sql)?.query_row([id], execution_from_row).optional()?)
     }
 
     fn insert_execution(&mut self, e: &Execution) -> Result<()> {
@@ -519,18 +537,30 @@ impl Tx for SqliteTx<'_, '_> {
     }
 
     fn open_executions(&mut self, agent_id: Option<i64>, expiring_by: Option<i64>) -> Result<Vec<Execution>> {
-        let sql = format!(
-            "SELECT {EXECUTION_COLUMNS} FROM executions WHERE state IN ('RESERVED', 'DISPATCHED') \
-             AND (?1 IS NULL OR agent_id = ?1) AND (?2 IS NULL OR expires_at_ms <= ?2) ORDER BY expires_at_ms, id"
-        );
-        let mut stmt = self.0.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params![agent_id, expiring_by], execution_from_row)?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        // One statement per shape; both seek through `executions_due`. No ORDER BY: with it,
+        // SQLite re-prepares the statement whenever `now` changes; the few rows are sorted here.
+        let by = expiring_by.unwrap_or(i64::MAX);
+        let mut rows = match agent_id {
+            Some(id) => {
+                let sql = select_executions!(
+                    "WHERE state IN ('RESERVED', 'DISPATCHED') AND expires_at_ms <= ?1 AND agent_id = ?2"
+                );
+                let mut stmt = self.0.prepare_cached(sql)?;
+                stmt.query_map(params![by, id], execution_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?
+            }
+            None => {
+                let sql = select_executions!("WHERE state IN ('RESERVED', 'DISPATCHED') AND expires_at_ms <= ?1");
+                let mut stmt = self.0.prepare_cached(sql)?;
+                stmt.query_map(params![by], execution_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?
+            }
+        };
+        rows.sort_by(|a, b| (a.expires_at_ms, &a.id).cmp(&(b.expires_at_ms, &b.id)));
+        Ok(rows)
     }
 
     fn for_each_execution(&mut self, f: &mut dyn FnMut(Execution) -> Result<()>) -> Result<()> {
-        let sql = format!("SELECT {EXECUTION_COLUMNS} FROM executions ORDER BY id");
-        let mut stmt = self.0.prepare(&sql)?;
+        let sql = select_executions!("ORDER BY id");
+        let mut stmt = self.0.prepare(sql)?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             f(execution_from_row(r)?)?;
