@@ -13,7 +13,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 
 fn open(dir: &std::path::Path, durability: Durability) -> (Kernel, String) {
     let config = Config::new()
-        .with_model("gpt-4o-mini", ModelSpec { prices: Prices::from_usd("0.15", "0.60").unwrap(), max_output_tokens: 16_384 })
+        .with_model("gpt-4o-mini", ModelSpec::priced(Prices::from_usd("0.15", "0.60").unwrap(), 16_384))
         .unwrap();
     let options = KernelOptions { config, store: StoreOptions { durability, ..Default::default() }, ..Default::default() };
     let k = Kernel::open(dir.join("bench.db"), options).unwrap();

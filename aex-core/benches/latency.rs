@@ -15,7 +15,7 @@ fn percentile(sorted: &[u128], p: f64) -> u128 {
 fn main() {
     let calls: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(5_000);
     let config = Config::new()
-        .with_model("gpt-4o-mini", ModelSpec { prices: Prices::from_usd("0.15", "0.60").unwrap(), max_output_tokens: 16_384 })
+        .with_model("gpt-4o-mini", ModelSpec::priced(Prices::from_usd("0.15", "0.60").unwrap(), 16_384))
         .unwrap();
     let req = AdmitRequest::new("gpt-4o-mini").input_tokens(1_200).max_output_tokens(256);
     println!("admit + commit, {calls} calls each, microseconds");

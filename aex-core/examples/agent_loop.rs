@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let config = Config::new().with_model(
         "gpt-4o-mini",
-        ModelSpec { prices: Prices::from_usd("0.15", "0.60")?, max_output_tokens: 16_384 },
+        ModelSpec::priced(Prices::from_usd("0.15", "0.60")?, 16_384),
     )?;
     let kernel = Kernel::open(&path, KernelOptions { config, ..Default::default() })?;
     println!("aex {} — database {}", aex_core::VERSION, path.display());

@@ -66,6 +66,19 @@ reason_enum! {
         VisionNotAllowed => "vision_not_allowed",
         /// Strict mode: the request has no `max_output_tokens`, so its cost cannot be bounded.
         StrictMaxOutputTokens => "strict_max_output_tokens",
+        /// Strict mode: the model has no price, so its cost cannot be bounded.
+        StrictUnpricedModel => "strict_unpriced_model",
+        /// The request uses tools and the model does not support them.
+        ModelLacksTools => "model_lacks_tools",
+        /// The request streams and the model cannot.
+        ModelLacksStreaming => "model_lacks_streaming",
+        /// The request carries images and the model cannot read them.
+        ModelLacksVision => "model_lacks_vision",
+        /// Input plus output tokens exceed the model's context window.
+        ContextWindowExceeded => "context_window_exceeded",
+        /// The request alone needs more tokens than a tokens-per-minute limit allows, so no wait
+        /// would let it through.
+        ExceedsRateLimit => "exceeds_rate_limit",
     }
 }
 
@@ -76,6 +89,8 @@ reason_enum! {
         Agent => "agent_not_found",
         /// No execution by that id.
         Execution => "execution_not_found",
+        /// No team by that name.
+        Team => "team_not_found",
     }
 }
 
@@ -131,13 +146,16 @@ pub enum Error {
     },
     /// The reservation does not fit in the agent's remaining budget (402).
     #[error(
-        "insufficient budget for agent '{agent}': needed {} USD, remaining {} USD",
+        "insufficient budget for {}: needed {} USD, remaining {} USD",
+        match team { Some(t) => format!("team '{t}' of agent '{agent}'"), None => format!("agent '{agent}'") },
         crate::money::format_usd(*needed_micro),
         crate::money::format_usd(*remaining_micro)
     )]
     InsufficientBudget {
         /// The agent denied.
         agent: String,
+        /// The team whose budget lacked room, when it was not the agent's own.
+        team: Option<String>,
         /// The reservation asked for, in micro-USD.
         needed_micro: i64,
         /// `budget - spent - reserved` at the time, in micro-USD (negative after an overrun).
@@ -206,7 +224,8 @@ impl Error {
         match self {
             Error::InvalidRequest { .. } => "invalid_request",
             Error::Unauthenticated { reason } => reason.as_str(),
-            Error::InsufficientBudget { .. } => "budget_exceeded",
+            Error::InsufficientBudget { team: None, .. } => "budget_exceeded",
+            Error::InsufficientBudget { team: Some(_), .. } => "team_budget_exceeded",
             Error::PolicyDenied { reason, .. } => reason.as_str(),
             Error::NotFound { what, .. } => what.as_str(),
             Error::Conflict { reason, .. } => reason.as_str(),

@@ -8,10 +8,11 @@ use serde_json::json;
 
 use crate::admission::{self, AdmitRequest, Admission};
 use crate::agent::{self, Agent, AgentSpec};
+use crate::budget::BudgetPeriod;
 use crate::auth::Token;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::error::{Error, NotFoundKind, Result};
+use crate::error::{ConflictReason, Error, NotFoundKind, Result};
 use crate::execution::Execution;
 use crate::ledger::audit::{self, AuditReport};
 use crate::ledger::{self, ChainHasher, Event, EventKind, Head, NewEvent};
@@ -19,12 +20,15 @@ use crate::money;
 use crate::reconcile::{self, ReconcileReport};
 use crate::settlement::{self, Settlement, Terminal, Usage};
 use crate::store::{SqliteStore, Store, StoreOptions, Tx};
+use crate::team::{Team, TeamSpec};
+use sha2::{Digest, Sha256};
 
 /// The default reservation TTL: 15 minutes, long enough for a slow streamed reply.
 pub const DEFAULT_RESERVATION_TTL_MS: i64 = 15 * 60 * 1000;
 
 const META_LEDGER_MODE: &str = "ledger_mode";
 const META_LEDGER_KEY_CHECK: &str = "ledger_key_check";
+const META_CONFIG_HASH: &str = "config_hash";
 
 /// How to open a kernel. `Debug` never shows the ledger key.
 #[derive(Clone)]
@@ -133,8 +137,14 @@ impl Kernel {
             }),
         };
         kernel.check_ledger_mode()?;
+        kernel.options_config_valid()?;
+        kernel.record_initial_config()?;
         kernel.reconcile()?;
         Ok(kernel)
+    }
+
+    fn options_config_valid(&self) -> Result<()> {
+        self.config().validate()
     }
 
     fn check_ledger_mode(&self) -> Result<()> {
@@ -188,6 +198,10 @@ impl Kernel {
         tx.agent_by_name(name)?.ok_or_else(|| Error::NotFound { what: NotFoundKind::Agent, key: name.to_string() })
     }
 
+    fn team_named(tx: &mut dyn Tx, name: &str) -> Result<Team> {
+        tx.team_by_name(name)?.ok_or_else(|| Error::NotFound { what: NotFoundKind::Team, key: name.to_string() })
+    }
+
     /// The config in force.
     pub fn config(&self) -> Arc<Config> {
         self.inner.config.read().clone()
@@ -221,9 +235,20 @@ impl Kernel {
             capabilities: spec.capabilities,
             strict: spec.strict,
             allow_passthrough: spec.allow_passthrough,
+            max_concurrent: spec.max_concurrent,
+            budget_period: spec.budget_period,
+            period_start_ms: spec.budget_period.start_of(now),
+            team_id: None,
+            team: spec.team.clone(),
             created_at_ms: now,
         };
         agent.id = self.write(|tx| {
+            if let Some(team) = &spec.team {
+                match Self::team_named(tx, team) {
+                    Ok(t) => agent.team_id = Some(t.id),
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
             let id = match tx.insert_agent(&agent, &token.hash()) {
                 Ok(id) => id,
                 Err(e @ Error::Conflict { .. }) => return Ok(Err(e)),
@@ -240,6 +265,10 @@ impl Kernel {
                 "strict": spec.strict,
                 "ttl_ms": spec.ttl_ms,
                 "allow_passthrough": spec.allow_passthrough,
+                "max_concurrent": spec.max_concurrent,
+                "budget_period": spec.budget_period.as_str(),
+                "period_start_ms": agent.period_start_ms,
+                "team": spec.team,
             });
             ledger::append(tx, hasher, now, NewEvent::agent(EventKind::AgentCreated, &spec.name, spec.budget_micro, data))?;
             Ok(Ok(id))
@@ -384,6 +413,220 @@ impl Kernel {
             Ok(Ok(()))
         })?;
         Ok(token)
+    }
+
+    /// Changes how often an agent's budget renews. `spent` and `reserved` are kept and the new
+    /// period starts at the start of the current calendar period of its kind, so what remains
+    /// does not change (see [`crate::budget::period`]).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`].
+    pub fn set_budget_period(&self, name: &str, period: BudgetPeriod) -> Result<Agent> {
+        let hasher = &self.inner.hasher;
+        let now = self.now();
+        self.write(|tx| {
+            let mut agent = match Self::agent_named(tx, name) {
+                Ok(a) => a,
+                Err(e) => return Ok(Err(e)),
+            };
+            agent.budget_period = period;
+            agent.period_start_ms = period.start_of(now);
+            tx.update_agent(&agent)?;
+            let data = json!({ "period": period.as_str(), "period_start_ms": agent.period_start_ms });
+            ledger::append(tx, hasher, now, NewEvent::agent(EventKind::BudgetPeriodSet, name, 0, data))?;
+            Ok(Ok(agent))
+        })
+    }
+
+    // ---- teams ----------------------------------------------------------------------------------
+
+    /// Creates a team (see [`crate::team`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] naming a bad field; [`Error::NotFound`] for an unknown parent;
+    /// [`Error::Conflict`] (`name_taken`).
+    pub fn create_team(&self, spec: &TeamSpec) -> Result<Team> {
+        spec.validate()?;
+        let hasher = &self.inner.hasher;
+        let now = self.now();
+        self.write(|tx| {
+            let parent = match spec.parent.as_deref().map(|p| Self::team_named(tx, p)).transpose() {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Some(p) = &parent {
+                // The new team, its parent, and every team above that.
+                let mut depth = 2;
+                let mut next = p.parent_id;
+                while let Some(id) = next {
+                    depth += 1;
+                    next = tx.team_by_id(id)?.and_then(|t| t.parent_id);
+                }
+                if depth > crate::team::MAX_DEPTH {
+                    return Ok(Err(Error::invalid("parent", format!("teams nest at most {} deep", crate::team::MAX_DEPTH))));
+                }
+            }
+            let mut team = Team {
+                id: 0,
+                name: spec.name.clone(),
+                parent_id: parent.as_ref().map(|p| p.id),
+                parent: spec.parent.clone(),
+                budget_micro: spec.budget_micro,
+                spent_micro: 0,
+                reserved_micro: 0,
+                created_at_ms: now,
+            };
+            team.id = match tx.insert_team(&team) {
+                Ok(id) => id,
+                Err(e @ Error::Conflict { .. }) => return Ok(Err(e)),
+                Err(e) => return Err(e),
+            };
+            let data = json!({ "team": spec.name, "parent": spec.parent });
+            ledger::append(tx, hasher, now, NewEvent::global(EventKind::TeamCreated, spec.budget_micro, data))?;
+            Ok(Ok(team))
+        })
+    }
+
+    /// One team.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`].
+    pub fn team(&self, name: &str) -> Result<Team> {
+        self.read(|tx| Self::team_named(tx, name))
+    }
+
+    /// All teams, by name.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn list_teams(&self) -> Result<Vec<Team>> {
+        self.read(|tx| tx.teams())
+    }
+
+    /// Sets a team's budget.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] outside `0..=MAX_MICRO`; [`Error::NotFound`].
+    pub fn set_team_budget(&self, name: &str, budget_micro: i64) -> Result<Team> {
+        money::check_amount("budget_micro", budget_micro)?;
+        let hasher = &self.inner.hasher;
+        let now = self.now();
+        self.write(|tx| {
+            let mut team = match Self::team_named(tx, name) {
+                Ok(t) => t,
+                Err(e) => return Ok(Err(e)),
+            };
+            let previous = team.budget_micro;
+            team.budget_micro = budget_micro;
+            tx.update_team_budget(team.id, budget_micro)?;
+            let data = json!({ "team": name, "previous_micro": previous });
+            ledger::append(tx, hasher, now, NewEvent::global(EventKind::TeamBudgetSet, budget_micro, data))?;
+            Ok(Ok(team))
+        })
+    }
+
+    /// Deletes a team that has no members and holds no reservations.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Conflict`] (`invalid_transition`) while agents or teams belong
+    /// to it or it holds reservations.
+    pub fn delete_team(&self, name: &str) -> Result<()> {
+        let hasher = &self.inner.hasher;
+        let now = self.now();
+        self.write(|tx| {
+            let team = match Self::team_named(tx, name) {
+                Ok(t) => t,
+                Err(e) => return Ok(Err(e)),
+            };
+            if tx.team_members(team.id)? > 0 || team.reserved_micro != 0 {
+                return Ok(Err(Error::conflict(
+                    ConflictReason::InvalidTransition,
+                    format!("team '{name}' still has members or open reservations"),
+                )));
+            }
+            tx.delete_team(team.id)?;
+            let data = json!({ "team": name, "spent_micro": team.spent_micro });
+            ledger::append(tx, hasher, now, NewEvent::global(EventKind::TeamDeleted, 0, data))?;
+            Ok(Ok(()))
+        })
+    }
+
+    // ---- config ---------------------------------------------------------------------------------
+
+    /// Puts `config` in force for the next admission, and records a `config.loaded` event with its
+    /// hash. Open reservations keep the prices they were admitted with.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] when its cross-references do not hold (the config in force stays).
+    pub fn reload_config(&self, config: Config) -> Result<()> {
+        if let Err(e) = config.validate() {
+            self.record_rejected_config(None, &e)?;
+            return Err(e);
+        }
+        let now = self.now();
+        let hash = config.hash();
+        let models = config.models().count();
+        let hasher = &self.inner.hasher;
+        // The event and the swap happen under the config lock, so the ledger order is the order
+        // in which configs came into force.
+        let mut current = self.inner.config.write();
+        self.write(|tx| {
+            let data = json!({ "hash": hex::encode(hash), "models": models });
+            ledger::append(tx, hasher, now, NewEvent::global(EventKind::ConfigLoaded, 0, data))?;
+            tx.set_meta(META_CONFIG_HASH, &hex::encode(hash))?;
+            Ok(Ok(()))
+        })?;
+        *current = Arc::new(config);
+        Ok(())
+    }
+
+    /// Reads `path` (a `models.yaml`) and puts it in force. A file that cannot be read or parsed
+    /// is refused with an error naming the field and line; the refusal is recorded as a
+    /// `config.rejected` event and the config in force stays.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] (see [`Config::load`]).
+    pub fn reload_config_file(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        match Config::load(path) {
+            Ok(config) => self.reload_config(config),
+            Err(e) => {
+                let bytes = std::fs::read(path).unwrap_or_default();
+                self.record_rejected_config(Some(Sha256::digest(&bytes).into()), &e)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn record_rejected_config(&self, hash: Option<[u8; 32]>, error: &Error) -> Result<()> {
+        let now = self.now();
+        let hasher = &self.inner.hasher;
+        self.write(|tx| {
+            let data = json!({ "hash": hash.map(hex::encode), "error": error.to_string() });
+            ledger::append(tx, hasher, now, NewEvent::global(EventKind::ConfigRejected, 0, data))?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Records the config given at open, unless the store's last loaded config has the same hash
+    /// (several processes opening one file with one config record it once).
+    fn record_initial_config(&self) -> Result<()> {
+        let config = self.config();
+        if config.models().next().is_none() {
+            return Ok(());
+        }
+        let hash = hex::encode(config.hash());
+        let models = config.models().count();
+        let now = self.now();
+        let hasher = &self.inner.hasher;
+        self.write(|tx| {
+            if tx.meta(META_CONFIG_HASH)?.as_deref() != Some(hash.as_str()) {
+                let data = json!({ "hash": hash, "models": models });
+                ledger::append(tx, hasher, now, NewEvent::global(EventKind::ConfigLoaded, 0, data))?;
+                tx.set_meta(META_CONFIG_HASH, &hash)?;
+            }
+            Ok(Ok(()))
+        })
     }
 
     // ---- one guarded call -----------------------------------------------------------------------

@@ -8,10 +8,7 @@
 //! use aex_core::{AdmitRequest, AgentSpec, Config, Kernel, KernelOptions, ModelSpec, Prices, Usage};
 //!
 //! # fn main() -> aex_core::Result<()> {
-//! let config = Config::new().with_model("gpt-4o-mini", ModelSpec {
-//!     prices: Prices::from_usd("0.15", "0.60")?,
-//!     max_output_tokens: 16_384,
-//! })?;
+//! let config = Config::new().with_model("gpt-4o-mini", ModelSpec::priced(Prices::from_usd("0.15", "0.60")?, 16_384))?;
 //! let kernel = Kernel::open("agents.db", KernelOptions { config, ..Default::default() })?;
 //! let created = kernel.create_agent(&AgentSpec::new("atlas", 5_000_000))?; // $5
 //! let admission = kernel.admit(
@@ -31,10 +28,12 @@
 //! | [`money`] | micro-USD, exact USD parsing, the round-up cost rule |
 //! | [`auth`] | tokens: generation, hashing, scopes |
 //! | [`agent`] | agent settings, validation |
-//! | [`config`] | models and prices |
+//! | [`config`] | models, prices, providers, shared limits; `models.yaml` |
 //! | [`admission`] | the admission pipeline and its order |
 //! | [`policy`] | what an agent may call |
-//! | [`budget`] | reservation estimate and fit |
+//! | [`rate`] | sliding RPM / TPM windows and concurrency caps |
+//! | [`team`] | shared team budgets above agents |
+//! | [`budget`] | reservation estimate and fit, budget periods |
 //! | [`settlement`] | terminal states, exactly once |
 //! | [`reconcile`] | expiry of abandoned reservations |
 //! | [`ledger`] | the hash chain, `audit` and replay |
@@ -59,15 +58,18 @@ mod kernel;
 pub mod ledger;
 pub mod money;
 pub mod policy;
+pub mod rate;
 pub mod reconcile;
 pub mod settlement;
 pub mod store;
+pub mod team;
 
 pub use admission::{AdmitRequest, Admission, Message};
 pub use agent::{Agent, AgentSpec, Capabilities};
 pub use auth::{Scope, Token};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{Config, ModelSpec, Prices};
+pub use budget::BudgetPeriod;
+pub use config::{Config, Limits, ModelCapabilities, ModelSpec, Prices, Provider};
 pub use error::{AuthFailure, ConflictReason, Error, NotFoundKind, PolicyRule, RateWindow, Result};
 pub use execution::{Execution, ExecutionState};
 pub use kernel::{CreatedAgent, DEFAULT_RESERVATION_TTL_MS, Kernel, KernelOptions};
@@ -76,6 +78,7 @@ pub use ledger::{Event, EventKind, Head};
 pub use reconcile::ReconcileReport;
 pub use settlement::{Settlement, Usage};
 pub use store::{Durability, StoreOptions};
+pub use team::{Team, TeamSpec};
 
 /// The version of aex, from the build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -116,10 +116,10 @@ fn bad_options() {
     assert!(matches!(e, Error::InvalidRequest { ref field, .. } if field == "reservation_ttl_ms"));
     let e = Kernel::open_in_memory(aex_core::KernelOptions { ledger_key: Some(vec![]), ..Default::default() }).unwrap_err();
     assert!(matches!(e, Error::InvalidRequest { ref field, .. } if field == "ledger_key"));
-    let bad = aex_core::ModelSpec { prices: aex_core::Prices { input: -1, output: 0, cached_input: None }, max_output_tokens: 1 };
+    let bad = aex_core::ModelSpec::priced(aex_core::Prices { input: -1, output: 0, cached_input: None }, 1);
     let e = aex_core::Config::new().with_model("m", bad).unwrap_err();
     assert!(matches!(e, Error::InvalidRequest { ref field, .. } if field == "models.m.input_price"), "{e}");
-    let bad = aex_core::ModelSpec { prices: aex_core::Prices { input: 0, output: 0, cached_input: None }, max_output_tokens: 0 };
+    let bad = aex_core::ModelSpec::priced(aex_core::Prices { input: 0, output: 0, cached_input: None }, 0);
     let e = aex_core::Config::new().with_model("m", bad).unwrap_err();
     assert!(matches!(e, Error::InvalidRequest { ref field, .. } if field == "models.m.max_output_tokens"), "{e}");
 }

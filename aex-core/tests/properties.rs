@@ -124,7 +124,7 @@ fn run(ops: Vec<Op>, budgets: [i64; AGENTS]) {
                 let model = if big { BIG_MODEL } else { MODEL };
                 let spec = cfg.model(model).unwrap();
                 let out = max_out.map_or(spec.max_output_tokens, |n| n.min(spec.max_output_tokens));
-                let estimate = money::cost(input, spec.prices.input) + money::cost(out, spec.prices.output);
+                let estimate = money::cost(input, spec.prices.unwrap().input) + money::cost(out, spec.prices.unwrap().output);
                 if let Some(d) = edge {
                     k.reconcile().unwrap();
                     m.expire_agent(None);
@@ -155,7 +155,7 @@ fn run(ops: Vec<Op>, budgets: [i64; AGENTS]) {
                 let a = &mut m.agents[agent];
                 let remaining = a.budget - a.spent - a.reserved;
                 if remaining < estimate {
-                    let want = Error::InsufficientBudget { agent: name(agent), needed_micro: estimate, remaining_micro: remaining };
+                    let want = Error::InsufficientBudget { agent: name(agent), team: None, needed_micro: estimate, remaining_micro: remaining };
                     assert_eq!(got.unwrap_err(), want);
                     continue;
                 }
@@ -168,7 +168,7 @@ fn run(ops: Vec<Op>, budgets: [i64; AGENTS]) {
                 let e = MExec {
                     agent,
                     request: r,
-                    prices: spec.prices,
+                    prices: spec.prices.unwrap(),
                     reserved: estimate,
                     state: ExecutionState::Reserved,
                     expires_at: m.now + TTL,

@@ -10,8 +10,8 @@ use common::*;
 use rusqlite::{Connection, params};
 
 /// Builds a known history and returns the kernel. Events:
-/// 1 created atlas, 2 created beta, 3 reserved e1, 4 dispatched e1, 5 committed e1,
-/// 6 reserved e2, 7 released e2, 8 denied.
+/// 1 config loaded, 2 created atlas, 3 created beta, 4 reserved e1, 5 dispatched e1,
+/// 6 committed e1, 7 reserved e2, 8 released e2, 9 denied.
 fn history(path: &Path, key: Option<&[u8]>) -> Kernel {
     let options = KernelOptions { config: config(), ledger_key: key.map(<[u8]>::to_vec), ..Default::default() };
     let k = Kernel::open(path, options).unwrap();
@@ -24,7 +24,7 @@ fn history(path: &Path, key: Option<&[u8]>) -> Kernel {
     k.admit(&beta, &req().execution_id("e2")).unwrap();
     k.release("e2", "cancelled").unwrap();
     assert_eq!(k.admit(&beta, &req().max_output_tokens(1_000).execution_id("e3")).unwrap_err().status(), 402);
-    assert_eq!(k.head().unwrap().unwrap().seq, 8);
+    assert_eq!(k.head().unwrap().unwrap().seq, 9);
     assert_clean(&k);
     k
 }
@@ -54,26 +54,26 @@ fn the_ledger_refuses_updates_and_deletes_through_sql() {
     let path = dir.path().join("aex.db");
     let _k = history(&path, None);
     let c = Connection::open(&path).unwrap();
-    assert!(c.execute("UPDATE ledger SET amount_micro = 0 WHERE seq = 5", []).is_err());
-    assert!(c.execute("DELETE FROM ledger WHERE seq = 8", []).is_err());
+    assert!(c.execute("UPDATE ledger SET amount_micro = 0 WHERE seq = 6", []).is_err());
+    assert!(c.execute("DELETE FROM ledger WHERE seq = 9", []).is_err());
 }
 
 #[test]
 fn one_changed_byte_in_any_field_is_found_at_its_seq() {
     let edits: &[(&str, &str, AuditRule)] = &[
-        ("ts_ms", "UPDATE ledger SET ts_ms = ts_ms + 1 WHERE seq = 5", AuditRule::Hash),
-        ("kind", "UPDATE ledger SET kind = 'execution.commitTed' WHERE seq = 5", AuditRule::Hash),
-        ("agent", "UPDATE ledger SET agent = 'atlaS' WHERE seq = 5", AuditRule::Hash),
-        ("execution_id", "UPDATE ledger SET execution_id = 'e9' WHERE seq = 5", AuditRule::Hash),
-        ("amount", "UPDATE ledger SET amount_micro = amount_micro - 1 WHERE seq = 5", AuditRule::Hash),
-        ("data", "UPDATE ledger SET data = replace(data, '900', '901') WHERE seq = 5", AuditRule::Hash),
+        ("ts_ms", "UPDATE ledger SET ts_ms = ts_ms + 1 WHERE seq = 6", AuditRule::Hash),
+        ("kind", "UPDATE ledger SET kind = 'execution.commitTed' WHERE seq = 6", AuditRule::Hash),
+        ("agent", "UPDATE ledger SET agent = 'atlaS' WHERE seq = 6", AuditRule::Hash),
+        ("execution_id", "UPDATE ledger SET execution_id = 'e9' WHERE seq = 6", AuditRule::Hash),
+        ("amount", "UPDATE ledger SET amount_micro = amount_micro - 1 WHERE seq = 6", AuditRule::Hash),
+        ("data", "UPDATE ledger SET data = replace(data, '900', '901') WHERE seq = 6", AuditRule::Hash),
     ];
     for (field, sql, rule) in edits {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("aex.db");
         let k = history(&path, None);
         assert_eq!(attacker(&path).execute(sql, []).unwrap(), 1, "{field}");
-        let f = expect(&k, *rule, Some(5));
+        let f = expect(&k, *rule, Some(6));
         assert!(f.message.contains("hash"), "{field}: {f}");
     }
     for (column, rule) in [("prev_hash", AuditRule::Link), ("hash", AuditRule::Hash)] {
@@ -81,16 +81,16 @@ fn one_changed_byte_in_any_field_is_found_at_its_seq() {
         let path = dir.path().join("aex.db");
         let k = history(&path, None);
         let c = attacker(&path);
-        let blob: Vec<u8> = c.query_row(&format!("SELECT {column} FROM ledger WHERE seq = 5"), [], |r| r.get(0)).unwrap();
-        c.execute(&format!("UPDATE ledger SET {column} = ?1 WHERE seq = 5"), [flip(blob)]).unwrap();
-        expect(&k, rule, Some(5));
+        let blob: Vec<u8> = c.query_row(&format!("SELECT {column} FROM ledger WHERE seq = 6"), [], |r| r.get(0)).unwrap();
+        c.execute(&format!("UPDATE ledger SET {column} = ?1 WHERE seq = 6"), [flip(blob)]).unwrap();
+        expect(&k, rule, Some(6));
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("aex.db");
     let k = history(&path, None);
-    attacker(&path).execute("UPDATE ledger SET seq = 1005 WHERE seq = 5", []).unwrap();
-    let f = expect(&k, AuditRule::Sequence, Some(5));
-    assert!(f.message.contains("event 5 is missing"), "{f}");
+    attacker(&path).execute("UPDATE ledger SET seq = 1006 WHERE seq = 6", []).unwrap();
+    let f = expect(&k, AuditRule::Sequence, Some(6));
+    assert!(f.message.contains("event 6 is missing"), "{f}");
 }
 
 #[test]
@@ -98,8 +98,8 @@ fn a_deleted_event_is_found() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("aex.db");
     let k = history(&path, None);
-    attacker(&path).execute("DELETE FROM ledger WHERE seq = 4", []).unwrap();
-    expect(&k, AuditRule::Sequence, Some(4));
+    attacker(&path).execute("DELETE FROM ledger WHERE seq = 5", []).unwrap();
+    expect(&k, AuditRule::Sequence, Some(5));
 }
 
 #[test]
@@ -109,10 +109,10 @@ fn swapped_events_are_found() {
     let k = history(&path, None);
     let c = attacker(&path);
     c.execute_batch(
-        "UPDATE ledger SET seq = -6 WHERE seq = 6; UPDATE ledger SET seq = 6 WHERE seq = 7; UPDATE ledger SET seq = 7 WHERE seq = -6;",
+        "UPDATE ledger SET seq = -7 WHERE seq = 7; UPDATE ledger SET seq = 7 WHERE seq = 8; UPDATE ledger SET seq = 8 WHERE seq = -7;",
     )
     .unwrap();
-    expect(&k, AuditRule::Link, Some(6));
+    expect(&k, AuditRule::Link, Some(7));
 }
 
 #[test]
@@ -122,10 +122,10 @@ fn removing_the_newest_event_is_found_by_an_anchor() {
     let k = history(&path, None);
     let anchor = k.head().unwrap().unwrap();
     assert!(k.audit(Some(&anchor)).unwrap().is_clean());
-    attacker(&path).execute("DELETE FROM ledger WHERE seq = 8", []).unwrap();
+    attacker(&path).execute("DELETE FROM ledger WHERE seq = 9", []).unwrap();
     assert!(k.audit(None).unwrap().is_clean(), "a denial moved no money: only the anchor can tell");
     let f = k.audit(Some(&anchor)).unwrap().failure.unwrap();
-    assert_eq!((f.rule, f.seq), (AuditRule::Anchor, Some(8)), "{f}");
+    assert_eq!((f.rule, f.seq), (AuditRule::Anchor, Some(9)), "{f}");
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn a_second_terminal_event_is_found() {
     let k = history(&path, None);
     // Forge a well-chained extra release of e2 at the head: the chain holds, the rule does not.
     let head = k.head().unwrap().unwrap();
-    let mut forged = k.events(7, 1).unwrap().remove(0);
+    let mut forged = k.events(8, 1).unwrap().remove(0);
     forged.seq = head.seq + 1;
     forged.prev_hash = head.hash;
     forged.hash = ChainHasher::new(None).unwrap().link(&head.hash, &forged.canonical_bytes());
@@ -164,7 +164,7 @@ fn a_second_terminal_event_is_found() {
             params![forged.seq as i64, forged.ts_ms, forged.kind, forged.agent, forged.execution_id, forged.amount_micro, forged.data, &forged.prev_hash[..], &forged.hash[..]],
         )
         .unwrap();
-    let f = expect(&k, AuditRule::OneTerminal, Some(9));
+    let f = expect(&k, AuditRule::OneTerminal, Some(10));
     assert_eq!(f.execution_id.as_deref(), Some("e2"));
 }
 
@@ -194,7 +194,7 @@ fn a_recomputed_sha256_chain_is_caught_under_an_hmac_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("aex.db");
     let k = history(&path, Some(b"ledger-secret"));
-    reforge_with_sha256(&k, &path, 5);
+    reforge_with_sha256(&k, &path, 6);
     expect(&k, AuditRule::Hash, Some(1));
 }
 
@@ -203,7 +203,7 @@ fn without_a_key_a_recomputed_chain_still_fails_replay() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("aex.db");
     let k = history(&path, None);
-    reforge_with_sha256(&k, &path, 5);
+    reforge_with_sha256(&k, &path, 6);
     let f = expect(&k, AuditRule::Execution, None);
     assert_eq!(f.execution_id.as_deref(), Some("e1"));
 }

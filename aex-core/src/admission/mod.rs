@@ -2,14 +2,17 @@
 //!
 //! Inside one exclusive store transaction, in this order:
 //! 1. **auth** — the token is known, not expired, its agent not disabled; its scope may execute.
-//!    Then the agent's due reservations are expired ([`crate::reconcile`]).
+//!    Then the agent's budget period is renewed if due ([`crate::budget::period`]) and its due
+//!    reservations are expired ([`crate::reconcile`]).
 //! 2. **idempotency** — the execution id (the caller's, or a new UUIDv7). Seen before with the
 //!    same request hash and agent: the original admission is returned with `replayed = true` and
 //!    nothing more is reserved. Seen with a different request or agent: `Conflict`.
-//! 3. **policy** — [`crate::policy::check`].
-//! 4. **rate** — rate windows slot in here, between policy and budget, so a request that is
-//!    refused for its rate never touches the budget.
-//! 5. **budget** — [`crate::budget`]: reserve the estimate or deny.
+//! 3. **policy** — [`crate::policy::check`]; then input tokens are counted (unless given), the
+//!    output cap is clamped to the model's, and the context window is checked.
+//! 4. **rate** — [`crate::rate`]: sliding RPM / TPM windows (agent, model, global) and
+//!    concurrency caps (agent, global).
+//! 5. **budget** — [`crate::budget`]: reserve the estimate on the agent and every team above it,
+//!    or deny. Only now are the rate windows charged.
 //!
 //! A denial (401, 402, 403, 429) reserves nothing; it is written to the ledger as an
 //! `admission.denied` event in the same transaction, and the execution id stays free for a retry.
@@ -24,12 +27,13 @@ use sha2::{Digest, Sha256};
 
 use crate::agent::{Agent, validate_model_name};
 use crate::auth::{Scope, TokenHash};
-use crate::budget;
+use crate::budget::{self, period};
 use crate::config::{Config, Prices};
 use crate::error::{AuthFailure, ConflictReason, Error, PolicyRule, Result};
 use crate::execution::{Execution, ExecutionState, validate_execution_id};
 use crate::ledger::{self, ChainHasher, EventKind, NewEvent};
 use crate::policy;
+use crate::rate;
 use crate::reconcile;
 use crate::settlement::MAX_TOKENS;
 use crate::store::Tx;
@@ -219,6 +223,8 @@ pub(crate) fn admit(tx: &mut dyn Tx, cx: &Context<'_>, token: &str, req: &AdmitR
         };
         return deny(tx, cx, Some(&agent.name), execution_id, req, denial);
     }
+    // Bring the agent up to date: a new budget period, then its abandoned reservations.
+    period::renew_if_due(tx, cx.hasher, &mut agent, cx.now)?;
     let expired = reconcile::expire_due(tx, cx.hasher, Some(agent.id), cx.now)?;
     if expired != reconcile::ReconcileReport::default() {
         agent = tx.agent_by_id(agent.id)?.ok_or_else(|| Error::Internal("agent vanished inside a transaction".into()))?;
@@ -241,17 +247,28 @@ pub(crate) fn admit(tx: &mut dyn Tx, cx: &Context<'_>, token: &str, req: &AdmitR
         Ok(spec) => spec,
         Err(denial) => return deny(tx, cx, Some(&agent.name), execution_id, req, denial),
     };
-
-    // 4. rate windows: the next stage of the pipeline lives here.
-
-    // 5. budget
-    let input_tokens = req.input_tokens.unwrap_or_else(|| estimate_input_tokens(&req.model, &req.messages));
+    let input_tokens =
+        req.input_tokens.unwrap_or_else(|| estimate_input_tokens(spec.upstream_name(&req.model), &req.messages));
     let max_output_tokens = req.max_output_tokens.map_or(spec.max_output_tokens, |n| n.min(spec.max_output_tokens));
-    let reserved = budget::estimate(&spec.prices, input_tokens, max_output_tokens);
-    if let Err(denial) = budget::check_fits(&agent, reserved) {
+    if let Err(denial) = policy::check_context_window(&req.model, spec, input_tokens, max_output_tokens) {
         return deny(tx, cx, Some(&agent.name), execution_id, req, denial);
     }
 
+    // 4. rate windows
+    let plan = match rate::check(tx, &agent, cx.config, req, input_tokens + max_output_tokens, cx.now)? {
+        Ok(plan) => plan,
+        Err(denial) => return deny(tx, cx, Some(&agent.name), execution_id, req, denial),
+    };
+
+    // 5. budget: the agent's and every team's above it
+    let teams = budget::team_chain(tx, &agent)?;
+    let prices = spec.prices.unwrap_or(Prices { input: 0, output: 0, cached_input: None });
+    let reserved = budget::estimate(&prices, input_tokens, max_output_tokens);
+    if let Err(denial) = budget::check_fits(&agent, &teams, reserved) {
+        return deny(tx, cx, Some(&agent.name), execution_id, req, denial);
+    }
+
+    rate::record(tx, &plan, cx.now)?;
     let execution = Execution {
         id: execution_id.to_string(),
         agent_id: agent.id,
@@ -261,7 +278,7 @@ pub(crate) fn admit(tx: &mut dyn Tx, cx: &Context<'_>, token: &str, req: &AdmitR
         model: req.model.clone(),
         input_tokens,
         max_output_tokens,
-        prices: spec.prices,
+        prices,
         reserved_micro: reserved,
         cost_micro: None,
         usage: None,
@@ -270,17 +287,25 @@ pub(crate) fn admit(tx: &mut dyn Tx, cx: &Context<'_>, token: &str, req: &AdmitR
         expires_at_ms: cx.now.saturating_add(cx.reservation_ttl_ms),
         dispatched_at_ms: None,
         settled_at_ms: None,
+        teams: teams.iter().map(|t| t.id).collect(),
+        rate_scopes: plan.scopes,
+        rate_tokens: plan.tokens,
     };
     tx.insert_execution(&execution)?;
     tx.update_counters(agent.id, agent.spent_micro, agent.reserved_micro + reserved)?;
+    for t in &teams {
+        tx.update_team_counters(t.id, t.spent_micro, t.reserved_micro + reserved)?;
+    }
     let data = json!({
         "model": execution.model,
         "input_tokens": input_tokens,
         "max_output_tokens": max_output_tokens,
-        "input_price": spec.prices.input,
-        "output_price": spec.prices.output,
-        "cached_input_price": spec.prices.cached_input,
+        "input_price": prices.input,
+        "output_price": prices.output,
+        "cached_input_price": prices.cached_input,
+        "priced": spec.prices.is_some(),
         "expires_at_ms": execution.expires_at_ms,
+        "teams": budget::team_names(&teams),
     });
     ledger::append(tx, cx.hasher, cx.now, NewEvent::execution(EventKind::Reserved, &agent.name, execution_id, reserved, data))?;
     Ok(Ok(Admission::of(&execution, false)))

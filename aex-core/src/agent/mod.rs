@@ -4,6 +4,7 @@
 //! and `inspect` shows. Neither ever holds the token; the store keeps only its digest.
 
 use crate::auth::Scope;
+use crate::budget::BudgetPeriod;
 use crate::error::{Error, Result};
 use crate::money;
 
@@ -55,6 +56,12 @@ pub struct AgentSpec {
     pub scope: Scope,
     /// Whether requests may carry the agent's own provider key.
     pub allow_passthrough: bool,
+    /// Open executions at once; `None` for no limit.
+    pub max_concurrent: Option<u32>,
+    /// How often the budget renews.
+    pub budget_period: BudgetPeriod,
+    /// The team whose budget this agent also draws from, if any (it must exist).
+    pub team: Option<String>,
 }
 
 impl AgentSpec {
@@ -72,6 +79,9 @@ impl AgentSpec {
             ttl_ms: None,
             scope: Scope::Execution,
             allow_passthrough: false,
+            max_concurrent: None,
+            budget_period: BudgetPeriod::Never,
+            team: None,
         }
     }
 
@@ -88,6 +98,12 @@ impl AgentSpec {
         if self.tpm == Some(0) {
             return Err(Error::invalid("tpm", "must be at least 1 (omit it for no limit)"));
         }
+        if self.max_concurrent == Some(0) {
+            return Err(Error::invalid("max_concurrent", "must be at least 1 (omit it for no limit)"));
+        }
+        if let Some(team) = &self.team {
+            validate_name_as("team", team)?;
+        }
         if self.allowed_models.len() > MAX_ALLOWED_MODELS {
             return Err(Error::invalid("allowed_models", format!("must list at most {MAX_ALLOWED_MODELS} models")));
         }
@@ -101,21 +117,30 @@ impl AgentSpec {
     }
 }
 
-/// Checks an agent name against the naming rule.
+/// Checks an agent or team name against the naming rule.
 ///
 /// # Errors
 /// [`Error::InvalidRequest`] on field `name`.
 pub fn validate_name(name: &str) -> Result<()> {
+    validate_name_as("name", name)
+}
+
+/// Checks a name against the naming rule: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, starting
+/// with a letter or digit.
+///
+/// # Errors
+/// [`Error::InvalidRequest`] on `field`.
+pub fn validate_name_as(field: &str, name: &str) -> Result<()> {
     if name.is_empty() {
-        return Err(Error::invalid("name", "must not be empty"));
+        return Err(Error::invalid(field, "must not be empty"));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(Error::invalid("name", format!("must be at most {MAX_NAME_LEN} characters, got {}", name.len())));
+        return Err(Error::invalid(field, format!("must be at most {MAX_NAME_LEN} characters, got {}", name.len())));
     }
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     if !name.chars().all(ok_char) || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
         return Err(Error::invalid(
-            "name",
+            field,
             "must use only A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit",
         ));
     }
@@ -179,6 +204,17 @@ pub struct Agent {
     pub strict: bool,
     /// Passthrough provider keys allowed.
     pub allow_passthrough: bool,
+    /// Open executions at once, if limited.
+    pub max_concurrent: Option<u32>,
+    /// How often the budget renews.
+    pub budget_period: BudgetPeriod,
+    /// Start of the current budget period (0 for a budget that never renews): `spent` counts
+    /// what was committed since.
+    pub period_start_ms: i64,
+    /// The team's store id, if the agent draws from one.
+    pub team_id: Option<i64>,
+    /// The team's name, if the agent draws from one.
+    pub team: Option<String>,
     /// Creation time, ms since the epoch.
     pub created_at_ms: i64,
 }

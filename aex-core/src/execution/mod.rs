@@ -114,4 +114,10 @@ pub struct Execution {
     pub dispatched_at_ms: Option<i64>,
     /// When it reached its terminal state.
     pub settled_at_ms: Option<i64>,
+    /// The teams whose budgets reserved too, nearest first.
+    pub teams: Vec<i64>,
+    /// The rate-window scopes that counted it, space-separated.
+    pub rate_scopes: String,
+    /// The tokens the rate windows counted at admission.
+    pub rate_tokens: i64,
 }

@@ -4,13 +4,15 @@
 //! 1. **chain** — seqs run 1, 2, 3, … without gaps; each `prev_hash` is the previous event's hash
 //!    (zero for the first); each `hash` is recomputed from the row's bytes with the kernel's hasher
 //!    (a plain-SHA-256 rewrite of a keyed ledger fails here); an `anchor`, if given, matches.
-//! 2. **replay** — the events are applied to empty counters: `agent.created` and `budget_set` set
-//!    budgets, `reserved` adds to `reserved`, terminal events move it to `spent` or back. An
+//! 2. **replay** — the events are applied to empty counters: `created` and `budget_set` events
+//!    set budgets, `reserved` adds to `reserved` (of the agent and of each team it names),
+//!    terminal events move it to `spent` or back, `budget_renewed` starts `spent` again. An
 //!    execution may have at most one terminal event, and every event must fit the state replay
 //!    has reached.
-//! 3. **live state** — every agent row equals its replayed budget, spent and reserved; per agent,
-//!    `spent` equals the committed costs and `reserved` the open reservations in the executions
-//!    table; every execution row agrees with its replayed state.
+//! 3. **live state** — every agent and team row equals its replayed budget, spent and reserved;
+//!    `spent` equals the committed costs (for an agent, since its period started) and `reserved`
+//!    the open reservations in the executions table; every execution row agrees with its
+//!    replayed state. A team is named `team:NAME` in a failure.
 //!
 //! Removing the newest events leaves a valid shorter chain; the counters check catches it when
 //! they moved money, and a [`Head`] kept elsewhere and passed as the anchor always does.
@@ -124,9 +126,18 @@ struct Counters {
 #[derive(Debug)]
 struct ExecReplay {
     agent: String,
+    teams: Vec<String>,
     reserved: i64,
     state: ExecutionState,
     cost: i64,
+}
+
+/// Replayed state: agents and teams by name, executions by id.
+#[derive(Debug, Default)]
+struct Replay {
+    agents: HashMap<String, Counters>,
+    teams: HashMap<String, Counters>,
+    execs: HashMap<String, ExecReplay>,
 }
 
 fn fail(rule: AuditRule, seq: Option<u64>, agent: Option<&str>, exec: Option<&str>, message: String) -> AuditFailure {
@@ -137,8 +148,7 @@ fn fail(rule: AuditRule, seq: Option<u64>, agent: Option<&str>, exec: Option<&st
 pub(crate) fn run(tx: &mut dyn Tx, hasher: &ChainHasher, anchor: Option<&Head>) -> Result<AuditReport> {
     let mut report =
         AuditReport { events: 0, agents: 0, executions: 0, head: None, mode: hasher.mode(), failure: None };
-    let mut agents: HashMap<String, Counters> = HashMap::new();
-    let mut execs: HashMap<String, ExecReplay> = HashMap::new();
+    let mut state = Replay::default();
     let mut prev = GENESIS_HASH;
     let mut expected_seq = 1u64;
     let mut failure: Option<AuditFailure> = None;
@@ -173,7 +183,7 @@ pub(crate) fn run(tx: &mut dyn Tx, hasher: &ChainHasher, anchor: Option<&Head>) 
         expected_seq += 1;
         report.events += 1;
         report.head = Some(Head { seq: e.seq, hash: e.hash });
-        if let Some(f) = replay(&mut agents, &mut execs, &e) {
+        if let Some(f) = replay(&mut state, &e) {
             failure = Some(f);
             return Ok(false);
         }
@@ -187,60 +197,93 @@ pub(crate) fn run(tx: &mut dyn Tx, hasher: &ChainHasher, anchor: Option<&Head>) 
         failure = Some(fail(AuditRule::Anchor, Some(a.seq), None, None, msg));
     }
     if failure.is_none() {
-        failure = check_live(tx, &agents, &execs, &mut report)?;
+        failure = check_live(tx, &state, &mut report)?;
     }
     report.failure = failure;
     Ok(report)
 }
 
 /// Applies one event to the replayed state; returns a failure if it does not fit.
-fn replay(agents: &mut HashMap<String, Counters>, execs: &mut HashMap<String, ExecReplay>, e: &super::Event) -> Option<AuditFailure> {
+fn replay(state: &mut Replay, e: &super::Event) -> Option<AuditFailure> {
     let seq = Some(e.seq);
     let bad = |rule, msg: String| Some(fail(rule, seq, e.agent.as_deref(), e.execution_id.as_deref(), msg));
     let Some(kind) = EventKind::parse(&e.kind) else {
         return bad(AuditRule::Event, format!("unknown event kind '{}'", e.kind));
     };
-    if kind == EventKind::Denied {
-        return None;
+    let data = || serde_json::from_str::<serde_json::Value>(&e.data).unwrap_or_default();
+    match kind {
+        EventKind::Denied | EventKind::ConfigLoaded | EventKind::ConfigRejected => return None,
+        EventKind::TeamCreated | EventKind::TeamBudgetSet | EventKind::TeamDeleted => {
+            let data = data();
+            let Some(team) = data.get("team").and_then(|t| t.as_str()) else {
+                return bad(AuditRule::Event, format!("{} event without a team", e.kind));
+            };
+            let exists = state.teams.contains_key(team);
+            match kind {
+                EventKind::TeamCreated if exists => return bad(AuditRule::Event, format!("team '{team}' created twice")),
+                EventKind::TeamCreated => {
+                    state.teams.insert(team.to_string(), Counters { budget: e.amount_micro, ..Counters::default() });
+                }
+                _ if !exists => return bad(AuditRule::Event, format!("{} event for team '{team}', which does not exist", e.kind)),
+                EventKind::TeamBudgetSet => state.teams.entry(team.to_string()).or_default().budget = e.amount_micro,
+                _ => {
+                    state.teams.remove(team);
+                }
+            }
+            return None;
+        }
+        _ => {}
     }
     let Some(name) = e.agent.as_deref() else {
         return bad(AuditRule::Event, format!("{} event without an agent", e.kind));
     };
     match kind {
         EventKind::AgentCreated => {
-            if agents.insert(name.to_string(), Counters { budget: e.amount_micro, ..Counters::default() }).is_some() {
+            if state.agents.insert(name.to_string(), Counters { budget: e.amount_micro, ..Counters::default() }).is_some() {
                 return bad(AuditRule::Event, format!("agent '{name}' created twice"));
             }
             return None;
         }
         EventKind::AgentDeleted => {
-            if agents.remove(name).is_none() {
+            if state.agents.remove(name).is_none() {
                 return bad(AuditRule::Event, format!("agent '{name}' deleted but does not exist"));
             }
             return None;
         }
         _ => {}
     }
-    let Some(agent) = agents.get_mut(name) else {
+    let Some(agent) = state.agents.get_mut(name) else {
         return bad(AuditRule::Event, format!("{} event for agent '{name}', which does not exist", e.kind));
     };
     match kind {
         EventKind::BudgetSet => agent.budget = e.amount_micro,
-        EventKind::AgentDisabled | EventKind::AgentEnabled | EventKind::TokenRotated => {}
+        EventKind::BudgetRenewed => agent.spent = 0,
+        EventKind::AgentDisabled | EventKind::AgentEnabled | EventKind::TokenRotated | EventKind::BudgetPeriodSet => {}
         _ => {
             let Some(id) = e.execution_id.as_deref() else {
                 return bad(AuditRule::Event, format!("{} event without an execution id", e.kind));
             };
             if kind == EventKind::Reserved {
-                if execs.contains_key(id) {
+                if state.execs.contains_key(id) {
                     return bad(AuditRule::Event, format!("execution '{id}' reserved twice"));
                 }
+                let teams: Vec<String> = data()
+                    .get("teams")
+                    .and_then(|t| t.as_array())
+                    .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default();
                 agent.reserved += e.amount_micro;
-                let x = ExecReplay { agent: name.to_string(), reserved: e.amount_micro, state: ExecutionState::Reserved, cost: 0 };
-                execs.insert(id.to_string(), x);
+                for t in &teams {
+                    let Some(team) = state.teams.get_mut(t) else {
+                        return bad(AuditRule::Event, format!("reserves on team '{t}', which does not exist"));
+                    };
+                    team.reserved += e.amount_micro;
+                }
+                let x = ExecReplay { agent: name.to_string(), teams, reserved: e.amount_micro, state: ExecutionState::Reserved, cost: 0 };
+                state.execs.insert(id.to_string(), x);
                 return None;
             }
-            let Some(x) = execs.get_mut(id) else {
+            let Some(x) = state.execs.get_mut(id) else {
                 return bad(AuditRule::Event, format!("{} event for execution '{id}', which was never reserved", e.kind));
             };
             if x.agent != name {
@@ -254,7 +297,7 @@ fn replay(agents: &mut HashMap<String, Counters>, execs: &mut HashMap<String, Ex
                 let msg = format!("execution '{id}' already ended as {}; {} is a second terminal event", x.state.as_str(), e.kind);
                 return bad(AuditRule::OneTerminal, msg);
             }
-            let (state, charged) = match kind {
+            let (new_state, charged) = match kind {
                 EventKind::Dispatched => {
                     x.state = ExecutionState::Dispatched;
                     return None;
@@ -271,35 +314,58 @@ fn replay(agents: &mut HashMap<String, Counters>, execs: &mut HashMap<String, Ex
             }
             agent.reserved -= x.reserved;
             agent.spent += charged;
-            x.state = state;
+            for t in &x.teams {
+                // A team with open reservations cannot be deleted, so it is still there.
+                if let Some(team) = state.teams.get_mut(t) {
+                    team.reserved -= x.reserved;
+                    team.spent += charged;
+                }
+            }
+            x.state = new_state;
             x.cost = charged;
         }
     }
     None
 }
 
+/// Per-budget sums over the executions table: committed cost (since the period start, for
+/// agents) and open reservations.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sums {
+    spent: i64,
+    reserved: i64,
+}
+
 /// Compares the live tables with the replayed state.
-fn check_live(
-    tx: &mut dyn Tx,
-    agents: &HashMap<String, Counters>,
-    execs: &HashMap<String, ExecReplay>,
-    report: &mut AuditReport,
-) -> Result<Option<AuditFailure>> {
+fn check_live(tx: &mut dyn Tx, replayed: &Replay, report: &mut AuditReport) -> Result<Option<AuditFailure>> {
     let live = tx.agents()?;
+    let live_teams = tx.teams()?;
     report.agents = live.len() as u64;
-    let mut sums: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    let period_start: HashMap<i64, i64> = live.iter().map(|a| (a.id, a.period_start_ms)).collect();
+    let mut agent_sums: BTreeMap<i64, Sums> = BTreeMap::new();
+    let mut team_sums: BTreeMap<i64, Sums> = BTreeMap::new();
     let mut first: Option<AuditFailure> = None;
     tx.for_each_execution(&mut |x| {
         report.executions += 1;
         if x.state == ExecutionState::Committed {
-            sums.entry(x.agent_id).or_default().0 += x.cost_micro.unwrap_or(0);
+            let cost = x.cost_micro.unwrap_or(0);
+            let since = period_start.get(&x.agent_id).copied().unwrap_or(0);
+            if x.settled_at_ms.unwrap_or(0) >= since {
+                agent_sums.entry(x.agent_id).or_default().spent += cost;
+            }
+            for t in &x.teams {
+                team_sums.entry(*t).or_default().spent += cost;
+            }
         } else if x.state.is_open() {
-            sums.entry(x.agent_id).or_default().1 += x.reserved_micro;
+            agent_sums.entry(x.agent_id).or_default().reserved += x.reserved_micro;
+            for t in &x.teams {
+                team_sums.entry(*t).or_default().reserved += x.reserved_micro;
+            }
         }
         if first.is_some() {
             return Ok(());
         }
-        let msg = match execs.get(&x.id) {
+        let msg = match replayed.execs.get(&x.id) {
             None => Some("execution row has no reservation event".to_string()),
             Some(r) if r.state != x.state => Some(format!("row is {}, the ledger says {}", x.state.as_str(), r.state.as_str())),
             Some(r) if r.reserved != x.reserved_micro => Some(format!("row reserves {}, the ledger {}", x.reserved_micro, r.reserved)),
@@ -316,35 +382,40 @@ fn check_live(
     if first.is_some() {
         return Ok(first);
     }
-    for a in &live {
-        let name = Some(a.name.as_str());
-        let Some(r) = agents.get(&a.name) else {
-            return Ok(Some(fail(AuditRule::Counters, None, name, None, "agent row has no agent.created event".into())));
+    let budgets = live
+        .iter()
+        .map(|a| ("agent", a.name.as_str(), a.budget_micro, a.spent_micro, a.reserved_micro, agent_sums.get(&a.id), &replayed.agents))
+        .chain(live_teams.iter().map(|t| {
+            ("team", t.name.as_str(), t.budget_micro, t.spent_micro, t.reserved_micro, team_sums.get(&t.id), &replayed.teams)
+        }));
+    for (what, name, budget, spent, reserved, sums, replay) in budgets {
+        let who = Some(if what == "agent" { name.to_string() } else { format!("team:{name}") });
+        let who = who.as_deref();
+        let Some(r) = replay.get(name) else {
+            return Ok(Some(fail(AuditRule::Counters, None, who, None, format!("{what} row has no creation event"))));
         };
-        for (field, row, replayed) in [
-            ("budget_micro", a.budget_micro, r.budget),
-            ("spent_micro", a.spent_micro, r.spent),
-            ("reserved_micro", a.reserved_micro, r.reserved),
-        ] {
+        for (field, row, replayed) in [("budget_micro", budget, r.budget), ("spent_micro", spent, r.spent), ("reserved_micro", reserved, r.reserved)] {
             if row != replayed {
-                let msg = format!("{field} is {row} in the agents table but the ledger replays to {replayed}");
-                return Ok(Some(fail(AuditRule::Counters, None, name, None, msg)));
+                let msg = format!("{field} is {row} in the {what}s table but the ledger replays to {replayed}");
+                return Ok(Some(fail(AuditRule::Counters, None, who, None, msg)));
             }
         }
-        let (spent, reserved) = sums.get(&a.id).copied().unwrap_or_default();
-        if a.spent_micro != spent {
-            let msg = format!("spent_micro is {} but committed executions sum to {spent}", a.spent_micro);
-            return Ok(Some(fail(AuditRule::SpentSum, None, name, None, msg)));
+        let sums = sums.copied().unwrap_or_default();
+        if spent != sums.spent {
+            let msg = format!("spent_micro is {spent} but committed executions sum to {}", sums.spent);
+            return Ok(Some(fail(AuditRule::SpentSum, None, who, None, msg)));
         }
-        if a.reserved_micro != reserved {
-            let msg = format!("reserved_micro is {} but open executions sum to {reserved}", a.reserved_micro);
-            return Ok(Some(fail(AuditRule::ReservedSum, None, name, None, msg)));
+        if reserved != sums.reserved {
+            let msg = format!("reserved_micro is {reserved} but open executions sum to {}", sums.reserved);
+            return Ok(Some(fail(AuditRule::ReservedSum, None, who, None, msg)));
         }
     }
-    if agents.len() != live.len() {
-        let missing = agents.keys().find(|n| !live.iter().any(|a| &a.name == *n));
-        let msg = "the ledger has an agent with no row".to_string();
-        return Ok(Some(fail(AuditRule::Counters, None, missing.map(String::as_str), None, msg)));
+    if let Some(missing) = replayed.agents.keys().find(|n| !live.iter().any(|a| &a.name == *n)) {
+        return Ok(Some(fail(AuditRule::Counters, None, Some(missing), None, "the ledger has an agent with no row".into())));
+    }
+    if let Some(missing) = replayed.teams.keys().find(|n| !live_teams.iter().any(|t| &t.name == *n)) {
+        let who = format!("team:{missing}");
+        return Ok(Some(fail(AuditRule::Counters, None, Some(&who), None, "the ledger has a team with no row".into())));
     }
     Ok(None)
 }

@@ -49,6 +49,13 @@ event_kinds! {
     AgentDisabled => "agent.disabled", "An agent was disabled.";
     AgentEnabled => "agent.enabled", "An agent was enabled.";
     AgentDeleted => "agent.deleted", "An agent was deleted (its open reservations were released first).";
+    BudgetRenewed => "agent.budget_renewed", "A budget period ended: `spent` starts again from zero.";
+    BudgetPeriodSet => "agent.budget_period_set", "An agent's budget period changed; `spent` and `reserved` kept.";
+    TeamCreated => "team.created", "A team was created; `amount` is its budget, `data.team` its name.";
+    TeamBudgetSet => "team.budget_set", "A team's budget changed; `amount` is the new budget.";
+    TeamDeleted => "team.deleted", "A team was deleted.";
+    ConfigLoaded => "config.loaded", "A config came into force; `data.hash` identifies it.";
+    ConfigRejected => "config.rejected", "A config was refused; the previous one stays in force.";
     TokenRotated => "agent.token_rotated", "An agent's token was replaced; the old one stopped working.";
     Reserved => "execution.reserved", "An admission reserved `amount`.";
     Dispatched => "execution.dispatched", "The call was handed to the provider.";
@@ -217,6 +224,11 @@ impl<'a> NewEvent<'a> {
     /// An event about an agent.
     pub fn agent(kind: EventKind, agent: &'a str, amount_micro: i64, data: Value) -> Self {
         NewEvent { kind, agent: Some(agent), execution_id: None, amount_micro, data }
+    }
+
+    /// An event about no agent.
+    pub fn global(kind: EventKind, amount_micro: i64, data: Value) -> Self {
+        NewEvent { kind, agent: None, execution_id: None, amount_micro, data }
     }
 
     /// An event about an execution of an agent.

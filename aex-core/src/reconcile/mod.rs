@@ -13,7 +13,8 @@
 
 use serde_json::json;
 
-use crate::error::{Error, Result};
+use crate::budget;
+use crate::error::Result;
 use crate::execution::{Execution, ExecutionState};
 use crate::ledger::{self, ChainHasher, EventKind, NewEvent};
 use crate::store::Tx;
@@ -46,24 +47,19 @@ pub(crate) fn expire_due(tx: &mut dyn Tx, hasher: &ChainHasher, agent_id: Option
 
 /// Applies the expiry rule to one open execution that is due.
 pub(crate) fn expire(tx: &mut dyn Tx, hasher: &ChainHasher, e: &mut Execution, now: i64) -> Result<()> {
-    let mut agent = tx
-        .agent_by_id(e.agent_id)?
-        .ok_or_else(|| Error::Internal(format!("open execution '{}' has no agent", e.id)))?;
-    let (state, charged) = if e.state == ExecutionState::Dispatched {
-        (ExecutionState::Committed, e.reserved_micro)
+    let (state, charged, rate_delta) = if e.state == ExecutionState::Dispatched {
+        (ExecutionState::Committed, e.reserved_micro, 0)
     } else {
-        (ExecutionState::Released, 0)
+        (ExecutionState::Released, 0, -e.rate_tokens)
     };
-    agent.reserved_micro -= e.reserved_micro;
-    agent.spent_micro += charged;
     e.state = state;
     e.reason = Some(EXPIRED_REASON.to_string());
     e.settled_at_ms = Some(now);
-    if charged > 0 || state == ExecutionState::Committed {
+    if state == ExecutionState::Committed {
         e.cost_micro = Some(charged);
     }
     tx.update_execution(e)?;
-    tx.update_counters(agent.id, agent.spent_micro, agent.reserved_micro)?;
+    budget::post(tx, hasher, e, charged, rate_delta, now)?;
     let data = json!({
         "settled_as": state.as_str(),
         "reserved_micro": e.reserved_micro,

@@ -16,6 +16,7 @@
 
 use serde_json::json;
 
+use crate::budget;
 use crate::config::Prices;
 use crate::error::{ConflictReason, Error, NotFoundKind, Result};
 use crate::execution::{Execution, ExecutionState};
@@ -219,16 +220,11 @@ pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Term
         return Ok(if same { Ok(Settlement::of(&e, true)) } else { Err(refuse(&e, asked)) });
     }
 
-    let mut agent = tx
-        .agent_by_id(e.agent_id)?
-        .ok_or_else(|| Error::Internal(format!("open execution '{}' has no agent", e.id)))?;
-    agent.reserved_micro -= e.reserved_micro;
     e.state = call.state();
     e.settled_at_ms = Some(now);
     let (kind, amount, data) = match call {
         Terminal::Commit(usage) => {
             let cost = usage.cost(&e.prices);
-            agent.spent_micro += cost;
             e.cost_micro = Some(cost);
             e.usage = Some(usage);
             let data = json!({
@@ -248,8 +244,12 @@ pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Term
             (EventKind::Failed, e.reserved_micro, json!({ "error": error }))
         }
     };
+    let (charged, rate_delta) = match call {
+        Terminal::Commit(u) => (amount, u.input_tokens + u.output_tokens - e.rate_tokens),
+        _ => (0, -e.rate_tokens),
+    };
     tx.update_execution(&e)?;
-    tx.update_counters(agent.id, agent.spent_micro, agent.reserved_micro)?;
+    budget::post(tx, hasher, &e, charged, rate_delta, now)?;
     ledger::append(tx, hasher, now, NewEvent::execution(kind, &e.agent, &e.id, amount, data))?;
     let settlement = Settlement::of(&e, false);
     if settlement.overrun_micro > 0 {

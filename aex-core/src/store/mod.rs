@@ -17,6 +17,8 @@ use crate::auth::TokenHash;
 use crate::error::Result;
 use crate::execution::Execution;
 use crate::ledger::{Event, Head};
+use crate::rate::Bucket;
+use crate::team::Team;
 
 /// A transactional store. Implementations are shared between threads.
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -56,6 +58,35 @@ pub trait Tx {
     fn set_token(&mut self, agent_id: i64, token: &TokenHash, prefix: &str, expires_at_ms: Option<i64>) -> Result<()>;
     /// Deletes an agent row.
     fn delete_agent(&mut self, agent_id: i64) -> Result<()>;
+
+    /// The team with this name.
+    fn team_by_name(&mut self, name: &str) -> Result<Option<Team>>;
+    /// The team with this id.
+    fn team_by_id(&mut self, id: i64) -> Result<Option<Team>>;
+    /// All teams, by name.
+    fn teams(&mut self) -> Result<Vec<Team>>;
+    /// Inserts a team (its `id` is ignored) and returns the new id; a taken name is a
+    /// [`crate::Error::Conflict`].
+    fn insert_team(&mut self, team: &Team) -> Result<i64>;
+    /// Writes a team's budget.
+    fn update_team_budget(&mut self, team_id: i64, budget_micro: i64) -> Result<()>;
+    /// Writes a team's counters.
+    fn update_team_counters(&mut self, team_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()>;
+    /// Deletes a team row.
+    fn delete_team(&mut self, team_id: i64) -> Result<()>;
+    /// How many agents and teams belong to a team.
+    fn team_members(&mut self, team_id: i64) -> Result<i64>;
+
+    /// The rate buckets of `scope` from `from_second` on, in any order.
+    fn rate_buckets(&mut self, scope: &str, from_second: i64) -> Result<Vec<Bucket>>;
+    /// Adds to (or creates) one rate bucket.
+    fn rate_add(&mut self, scope: &str, second: i64, requests: i64, tokens: i64) -> Result<()>;
+    /// Deletes a scope's buckets before `before_second`.
+    fn rate_prune(&mut self, scope: &str, before_second: i64) -> Result<()>;
+    /// Adds `delta` tokens to an existing bucket (never below zero); no-op if it is gone.
+    fn rate_adjust(&mut self, scope: &str, second: i64, delta: i64) -> Result<()>;
+    /// Open executions, of one agent or all, and the earliest expiry among them.
+    fn open_count(&mut self, agent_id: Option<i64>) -> Result<(i64, Option<i64>)>;
 
     /// The execution with this id.
     fn execution(&mut self, id: &str) -> Result<Option<Execution>>;

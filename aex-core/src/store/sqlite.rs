@@ -20,6 +20,9 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 
 use super::{Store, Tx};
 use crate::agent::{Agent, Capabilities};
+use crate::budget::BudgetPeriod;
+use crate::rate::Bucket;
+use crate::team::Team;
 use crate::auth::{Scope, TokenHash};
 use crate::config::Prices;
 use crate::error::{ConflictReason, Error, Result};
@@ -105,8 +108,30 @@ CREATE TABLE agents (
     allow_vision      INTEGER NOT NULL,
     strict            INTEGER NOT NULL,
     allow_passthrough INTEGER NOT NULL,
+    max_concurrent    INTEGER,
+    budget_period     TEXT    NOT NULL,
+    period_start_ms   INTEGER NOT NULL,
+    team_id           INTEGER,
     created_at_ms     INTEGER NOT NULL
 ) STRICT;
+
+CREATE TABLE teams (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    name           TEXT    NOT NULL UNIQUE,
+    parent_id      INTEGER,
+    budget_micro   INTEGER NOT NULL,
+    spent_micro    INTEGER NOT NULL,
+    reserved_micro INTEGER NOT NULL,
+    created_at_ms  INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE rate_buckets (
+    scope    TEXT    NOT NULL,
+    second   INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    tokens   INTEGER NOT NULL,
+    PRIMARY KEY (scope, second)
+) STRICT, WITHOUT ROWID;
 
 CREATE TABLE executions (
     id                 TEXT    PRIMARY KEY,
@@ -129,7 +154,10 @@ CREATE TABLE executions (
     created_at_ms      INTEGER NOT NULL,
     expires_at_ms      INTEGER NOT NULL,
     dispatched_at_ms   INTEGER,
-    settled_at_ms      INTEGER
+    settled_at_ms      INTEGER,
+    teams              TEXT    NOT NULL,
+    rate_scopes        TEXT    NOT NULL,
+    rate_tokens        INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
 
 -- Open reservations by expiry: small (only open executions), and only due ones match
@@ -274,7 +302,8 @@ macro_rules! select_agents {
         concat!(
             "SELECT id, name, token_prefix, scope, ttl_ms, expires_at_ms, disabled, budget_micro, spent_micro, ",
             "reserved_micro, rpm, tpm, allowed_models, allow_tools, allow_streaming, allow_vision, strict, ",
-            "allow_passthrough, created_at_ms FROM agents ",
+            "allow_passthrough, max_concurrent, budget_period, period_start_ms, team_id, ",
+            "(SELECT name FROM teams WHERE teams.id = agents.team_id), created_at_ms FROM agents ",
             $rest
         )
     };
@@ -300,7 +329,35 @@ fn agent_from_row(r: &Row<'_>) -> rusqlite::Result<Agent> {
         capabilities: Capabilities { tools: r.get(13)?, streaming: r.get(14)?, vision: r.get(15)? },
         strict: r.get(16)?,
         allow_passthrough: r.get(17)?,
-        created_at_ms: r.get(18)?,
+        max_concurrent: r.get(18)?,
+        budget_period: BudgetPeriod::parse(&r.get::<_, String>(19)?).unwrap_or_default(),
+        period_start_ms: r.get(20)?,
+        team_id: r.get(21)?,
+        team: r.get(22)?,
+        created_at_ms: r.get(23)?,
+    })
+}
+
+macro_rules! select_teams {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, name, parent_id, (SELECT p.name FROM teams p WHERE p.id = teams.parent_id), budget_micro, ",
+            "spent_micro, reserved_micro, created_at_ms FROM teams ",
+            $rest
+        )
+    };
+}
+
+fn team_from_row(r: &Row<'_>) -> rusqlite::Result<Team> {
+    Ok(Team {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        parent_id: r.get(2)?,
+        parent: r.get(3)?,
+        budget_micro: r.get(4)?,
+        spent_micro: r.get(5)?,
+        reserved_micro: r.get(6)?,
+        created_at_ms: r.get(7)?,
     })
 }
 
@@ -310,7 +367,8 @@ macro_rules! select_executions {
         concat!(
             "SELECT id, agent_id, agent, request_hash, state, model, input_tokens, max_output_tokens, input_price, ",
             "output_price, cached_input_price, reserved_micro, cost_micro, usage_input, usage_output, ",
-            "usage_cached_input, reason, created_at_ms, expires_at_ms, dispatched_at_ms, settled_at_ms FROM executions ",
+            "usage_cached_input, reason, created_at_ms, expires_at_ms, dispatched_at_ms, settled_at_ms, teams, ",
+            "rate_scopes, rate_tokens FROM executions ",
             $rest
         )
     };
@@ -348,6 +406,9 @@ fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
         expires_at_ms: r.get(18)?,
         dispatched_at_ms: r.get(19)?,
         settled_at_ms: r.get(20)?,
+        teams: r.get::<_, String>(21)?.split_whitespace().filter_map(|t| t.parse().ok()).collect(),
+        rate_scopes: r.get(22)?,
+        rate_tokens: r.get(23)?,
     })
 }
 
@@ -404,7 +465,8 @@ impl Tx for SqliteTx<'_, '_> {
         let res = self.0.prepare_cached(
             "INSERT INTO agents (name, token_hash, token_prefix, scope, ttl_ms, expires_at_ms, disabled, budget_micro, \
              spent_micro, reserved_micro, rpm, tpm, allowed_models, allow_tools, allow_streaming, allow_vision, strict, \
-             allow_passthrough, created_at_ms) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)",
+             allow_passthrough, max_concurrent, budget_period, period_start_ms, team_id, created_at_ms) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23)",
         )?
         .execute(params![
             a.name,
@@ -425,6 +487,10 @@ impl Tx for SqliteTx<'_, '_> {
             a.capabilities.vision,
             a.strict,
             a.allow_passthrough,
+            a.max_concurrent,
+            a.budget_period.as_str(),
+            a.period_start_ms,
+            a.team_id,
             a.created_at_ms,
         ]);
         match res {
@@ -442,7 +508,8 @@ impl Tx for SqliteTx<'_, '_> {
             .prepare_cached(
                 "UPDATE agents SET scope=?2, ttl_ms=?3, expires_at_ms=?4, disabled=?5, budget_micro=?6, spent_micro=?7, \
                  reserved_micro=?8, rpm=?9, tpm=?10, allowed_models=?11, allow_tools=?12, allow_streaming=?13, \
-                 allow_vision=?14, strict=?15, allow_passthrough=?16 WHERE id=?1",
+                 allow_vision=?14, strict=?15, allow_passthrough=?16, max_concurrent=?17, budget_period=?18, \
+                 period_start_ms=?19, team_id=?20 WHERE id=?1",
             )?
             .execute(params![
                 a.id,
@@ -461,6 +528,10 @@ impl Tx for SqliteTx<'_, '_> {
                 a.capabilities.vision,
                 a.strict,
                 a.allow_passthrough,
+                a.max_concurrent,
+                a.budget_period.as_str(),
+                a.period_start_ms,
+                a.team_id,
             ])?;
         Ok(())
     }
@@ -484,6 +555,111 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
+    fn team_by_name(&mut self, name: &str) -> Result<Option<Team>> {
+        Ok(self.0.prepare_cached(select_teams!("WHERE name = ?1"))?.query_row([name], team_from_row).optional()?)
+    }
+
+    fn team_by_id(&mut self, id: i64) -> Result<Option<Team>> {
+        Ok(self.0.prepare_cached(select_teams!("WHERE id = ?1"))?.query_row([id], team_from_row).optional()?)
+    }
+
+    fn teams(&mut self) -> Result<Vec<Team>> {
+        let mut stmt = self.0.prepare_cached(select_teams!("ORDER BY name"))?;
+        let rows = stmt.query_map([], team_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn insert_team(&mut self, t: &Team) -> Result<i64> {
+        let res = self
+            .0
+            .prepare_cached(
+                "INSERT INTO teams (name, parent_id, budget_micro, spent_micro, reserved_micro, created_at_ms) \
+                 VALUES (?1,?2,?3,?4,?5,?6)",
+            )?
+            .execute(params![t.name, t.parent_id, t.budget_micro, t.spent_micro, t.reserved_micro, t.created_at_ms]);
+        match res {
+            Ok(_) => Ok(self.0.last_insert_rowid()),
+            Err(e) if is_unique_violation(&e) => {
+                Err(Error::conflict(ConflictReason::NameTaken, format!("a team named '{}' exists already", t.name)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn update_team_budget(&mut self, team_id: i64, budget_micro: i64) -> Result<()> {
+        self.0.prepare_cached("UPDATE teams SET budget_micro=?2 WHERE id=?1")?.execute(params![team_id, budget_micro])?;
+        Ok(())
+    }
+
+    fn update_team_counters(&mut self, team_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()> {
+        self.0
+            .prepare_cached("UPDATE teams SET spent_micro=?2, reserved_micro=?3 WHERE id=?1")?
+            .execute(params![team_id, spent_micro, reserved_micro])?;
+        Ok(())
+    }
+
+    fn delete_team(&mut self, team_id: i64) -> Result<()> {
+        self.0.prepare_cached("DELETE FROM teams WHERE id=?1")?.execute([team_id])?;
+        Ok(())
+    }
+
+    fn team_members(&mut self, team_id: i64) -> Result<i64> {
+        Ok(self.0.prepare_cached(
+            "SELECT (SELECT COUNT(*) FROM agents WHERE team_id = ?1) + (SELECT COUNT(*) FROM teams WHERE parent_id = ?1)",
+        )?
+        .query_row([team_id], |r| r.get(0))?)
+    }
+
+    fn rate_buckets(&mut self, scope: &str, from_second: i64) -> Result<Vec<Bucket>> {
+        let mut stmt = self.0.prepare_cached("SELECT second, requests, tokens FROM rate_buckets WHERE scope = ?1 AND second >= ?2")?;
+        let rows = stmt.query_map(params![scope, from_second], |r| {
+            Ok(Bucket { second: r.get(0)?, requests: r.get(1)?, tokens: r.get(2)? })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn rate_add(&mut self, scope: &str, second: i64, requests: i64, tokens: i64) -> Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO rate_buckets (scope, second, requests, tokens) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (scope, second) DO UPDATE SET requests = requests + ?3, tokens = tokens + ?4",
+            )?
+            .execute(params![scope, second, requests, tokens])?;
+        Ok(())
+    }
+
+    fn rate_prune(&mut self, scope: &str, before_second: i64) -> Result<()> {
+        self.0.prepare_cached("DELETE FROM rate_buckets WHERE scope = ?1 AND second < ?2")?.execute(params![scope, before_second])?;
+        Ok(())
+    }
+
+    fn rate_adjust(&mut self, scope: &str, second: i64, delta: i64) -> Result<()> {
+        self.0
+            .prepare_cached("UPDATE rate_buckets SET tokens = max(0, tokens + ?3) WHERE scope = ?1 AND second = ?2")?
+            .execute(params![scope, second, delta])?;
+        Ok(())
+    }
+
+    fn open_count(&mut self, agent_id: Option<i64>) -> Result<(i64, Option<i64>)> {
+        let row = |r: &Row<'_>| Ok((r.get(0)?, r.get(1)?));
+        Ok(match agent_id {
+            Some(id) => self
+                .0
+                .prepare_cached(
+                    "SELECT COUNT(*), MIN(expires_at_ms) FROM executions \
+                     WHERE state IN ('RESERVED', 'DISPATCHED') AND expires_at_ms IS NOT NULL AND agent_id = ?1",
+                )?
+                .query_row([id], row)?,
+            None => self
+                .0
+                .prepare_cached(
+                    "SELECT COUNT(*), MIN(expires_at_ms) FROM executions \
+                     WHERE state IN ('RESERVED', 'DISPATCHED') AND expires_at_ms IS NOT NULL",
+                )?
+                .query_row([], row)?,
+        })
+    }
+
     fn execution(&mut self, id: &str) -> Result<Option<Execution>> {
         let sql = select_executions!("WHERE id = ?1");
         Ok(self.0.prepare_cached(sql)?.query_row([id], execution_from_row).optional()?)
@@ -494,7 +670,7 @@ impl Tx for SqliteTx<'_, '_> {
             .prepare_cached(
                 "INSERT INTO executions (id, agent_id, agent, request_hash, state, model, input_tokens, \
                  max_output_tokens, input_price, output_price, cached_input_price, reserved_micro, created_at_ms, \
-                 expires_at_ms) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)",
+                 expires_at_ms, teams, rate_scopes, rate_tokens) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)",
             )?
             .execute(params![
                 e.id,
@@ -511,6 +687,9 @@ impl Tx for SqliteTx<'_, '_> {
                 e.reserved_micro,
                 e.created_at_ms,
                 e.expires_at_ms,
+                e.teams.iter().map(i64::to_string).collect::<Vec<_>>().join(" "),
+                e.rate_scopes,
+                e.rate_tokens,
             ])?;
         Ok(())
     }

@@ -16,14 +16,11 @@ pub const T0: i64 = 1_767_225_600_000;
 
 pub fn config() -> Config {
     Config::new()
-        .with_model(MODEL, ModelSpec { prices: Prices::from_usd("0.15", "0.60").unwrap(), max_output_tokens: 1_000 })
+        .with_model(MODEL, ModelSpec::priced(Prices::from_usd("0.15", "0.60").unwrap(), 1_000))
         .unwrap()
         .with_model(
             BIG_MODEL,
-            ModelSpec {
-                prices: Prices { input: 3_000_000, output: 15_000_000, cached_input: Some(300_000) },
-                max_output_tokens: 4_096,
-            },
+            ModelSpec::priced(Prices { input: 3_000_000, output: 15_000_000, cached_input: Some(300_000) }, 4_096),
         )
         .unwrap()
 }
