@@ -53,6 +53,25 @@ fn bad_agent_settings() {
     refused(&k, "delta_micro", |k| k.add_budget("atlas", -1_000_001).map(|_| ()));
     refused(&k, "delta_micro", |k| k.add_budget("atlas", i64::MAX).map(|_| ()));
     refused(&k, "ttl_ms", |k| k.rotate_token("atlas", Some(0)).map(|_| ()));
+    refused(&k, "max_concurrent", |k| k.create_agent(&AgentSpec { max_concurrent: Some(0), ..AgentSpec::new("b", 1) }).map(|_| ()));
+    refused(&k, "team", |k| k.create_agent(&AgentSpec { team: Some("no spaces".into()), ..AgentSpec::new("b", 1) }).map(|_| ()));
+    refused(&k, "name", |k| k.create_team(&aex_core::TeamSpec::new("", 1)).map(|_| ()));
+    refused(&k, "budget_micro", |k| k.create_team(&aex_core::TeamSpec::new("t", -5)).map(|_| ()));
+    refused(&k, "parent", |k| k.create_team(&aex_core::TeamSpec { parent: Some("a b".into()), ..aex_core::TeamSpec::new("t", 5) }).map(|_| ()));
+    refused(&k, "budget_micro", |k| k.set_team_budget("t", -1).map(|_| ()));
+    assert!(matches!(aex_core::BudgetPeriod::parse("hourly"), Err(Error::InvalidRequest { ref field, .. }) if field == "budget_period"));
+}
+
+#[test]
+fn teams_nest_at_most_eight_deep() {
+    let (k, _, _) = setup();
+    k.create_team(&aex_core::TeamSpec::new("t0", 1)).unwrap();
+    for i in 1..8 {
+        let spec = aex_core::TeamSpec { parent: Some(format!("t{}", i - 1)), ..aex_core::TeamSpec::new(format!("t{i}"), 1) };
+        k.create_team(&spec).unwrap();
+    }
+    let spec = aex_core::TeamSpec { parent: Some("t7".into()), ..aex_core::TeamSpec::new("t8", 1) };
+    refused(&k, "parent", |k| k.create_team(&spec).map(|_| ()));
 }
 
 #[test]

@@ -32,6 +32,10 @@ fn run_until_denied(k: &Kernel, token: &str, name: &str) -> i64 {
                     agent.spent_micro + agent.reserved_micro <= agent.budget_micro,
                     "overshoot: {agent:?}"
                 );
+                if let Some(team) = &agent.team {
+                    let team = k.team(team).unwrap();
+                    assert!(team.spent_micro + team.reserved_micro <= team.budget_micro, "team overshoot: {team:?}");
+                }
                 admitted += 1;
                 k.mark_dispatched(&a.execution_id).unwrap();
                 let s = k.commit(&a.execution_id, Usage::new(1_000, 500)).unwrap();
@@ -93,8 +97,9 @@ fn child_lines(child: &mut std::process::Child) -> impl Iterator<Item = String> 
 fn child_racer() {
     let db = std::env::var("AEX_TEST_DB").expect("run by four_processes_admit_exactly_k_calls");
     let token = std::env::var("AEX_TEST_TOKEN").expect("run by four_processes_admit_exactly_k_calls");
+    let name = std::env::var("AEX_TEST_AGENT").unwrap_or_else(|_| "atlas".into());
     let k = file_kernel(Path::new(&db));
-    println!("{MARK}{}", run_until_denied(&k, &token, "atlas"));
+    println!("{MARK}{}", run_until_denied(&k, &token, &name));
 }
 
 #[test]
@@ -117,6 +122,40 @@ fn four_processes_admit_exactly_k_calls() {
     assert_eq!(total, K);
     let a = k.agent("atlas").unwrap();
     assert_eq!((a.spent_micro, a.reserved_micro), (K * PER_CALL, 0));
+    assert_clean(&k);
+}
+
+#[test]
+fn four_processes_share_a_team_budget_exactly() {
+    const K: i64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("aex.db");
+    let k = file_kernel(&db);
+    k.create_team(&aex_core::TeamSpec::new("org", K * PER_CALL)).unwrap();
+    let agents: Vec<(String, String)> = (0..2)
+        .map(|i| {
+            let name = format!("agent-{i}");
+            let spec = aex_core::AgentSpec { team: Some("org".into()), ..aex_core::AgentSpec::new(&name, 1_000_000) };
+            (name, k.create_agent(&spec).unwrap().token.expose().to_string())
+        })
+        .collect();
+    let db_text = db.to_str().unwrap();
+    let mut children: Vec<_> = (0..4)
+        .map(|i| {
+            let (name, token) = &agents[i % 2];
+            spawn_child("child_racer", &[("AEX_TEST_DB", db_text), ("AEX_TEST_TOKEN", token), ("AEX_TEST_AGENT", name)])
+        })
+        .collect();
+    let mut total = 0;
+    for c in &mut children {
+        let counts: Vec<i64> = child_lines(c).map(|l| l.parse().unwrap()).collect();
+        assert_eq!(counts.len(), 1, "a child did not report");
+        total += counts[0];
+        assert!(c.wait().unwrap().success());
+    }
+    assert_eq!(total, K);
+    let team = k.team("org").unwrap();
+    assert_eq!((team.spent_micro, team.reserved_micro), (K * PER_CALL, 0));
     assert_clean(&k);
 }
 
