@@ -39,6 +39,7 @@
 //! | [`ledger`] | the hash chain, `audit` and replay |
 //! | [`store`] | the `Store` trait and the SQLite store |
 //! | [`clock`] | time, replaceable in tests |
+//! | [`wire`] | the JSON forms shared by the C ABI, the vectors and the CLI |
 //!
 //! ## Threads and processes
 //!
@@ -63,6 +64,7 @@ pub mod reconcile;
 pub mod settlement;
 pub mod store;
 pub mod team;
+pub mod wire;
 
 pub use admission::{AdmitRequest, Admission, Message};
 pub use agent::{Agent, AgentSpec, Capabilities};
