@@ -35,7 +35,7 @@ fn s<'a>(step: &'a Value, key: &str) -> &'a str {
     step[key].as_str().unwrap_or_else(|| panic!("step {step} needs a string '{key}'"))
 }
 
-fn run(path: &PathBuf, v: &Value) {
+fn run(path: &std::path::Path, v: &Value) {
     let clock = ManualClock::new(v["start_ms"].as_i64().unwrap());
     let mut options = KernelOptions { clock: Arc::new(clock.clone()), ..Default::default() };
     options.config = Config::from_yaml(v["models_yaml"].as_str().unwrap()).unwrap();
