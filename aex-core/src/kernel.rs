@@ -84,6 +84,9 @@ pub struct CreatedAgent {
 /// `Send + Sync` and cheap to clone (an `Arc`): share one kernel between threads. Every method is
 /// one store transaction, so concurrent callers — in this process or in others sharing the file —
 /// see each other's effects in a single serial order. Nothing is cached between calls.
+///
+/// A kernel belongs to the process that opened it: after `fork()`, calls in the child fail with
+/// [`Error::Unavailable`] (a SQLite connection must not cross a fork); open a new kernel there.
 #[derive(Clone, Debug)]
 pub struct Kernel {
     inner: Arc<Inner>,
@@ -91,6 +94,9 @@ pub struct Kernel {
 
 #[derive(Debug)]
 struct Inner {
+    /// The process that opened the store. A SQLite connection must not be used across `fork()`,
+    /// so a forked child gets `Unavailable` instead of a corrupted database.
+    pid: u32,
     store: Box<dyn Store>,
     clock: Arc<dyn Clock>,
     hasher: ChainHasher,
@@ -129,6 +135,7 @@ impl Kernel {
         let hasher = ChainHasher::new(options.ledger_key.as_deref())?;
         let kernel = Kernel {
             inner: Arc::new(Inner {
+                pid: std::process::id(),
                 store,
                 clock: options.clock,
                 hasher,
@@ -176,7 +183,18 @@ impl Kernel {
 
     /// Runs `f` in a write transaction. `f`'s outer error rolls back; its inner result is the
     /// answer, returned after the commit (so a denial or an expiry on the way is kept).
+    fn check_process(&self) -> Result<()> {
+        if std::process::id() != self.inner.pid {
+            return Err(Error::Unavailable(format!(
+                "this kernel was opened by process {}; after fork(), open a new kernel in the child",
+                self.inner.pid
+            )));
+        }
+        Ok(())
+    }
+
     fn write<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<Result<T>>) -> Result<T> {
+        self.check_process()?;
         let mut out = None;
         self.inner.store.write(&mut |tx| {
             out = Some(f(tx)?);
@@ -186,6 +204,7 @@ impl Kernel {
     }
 
     fn read<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        self.check_process()?;
         let mut out = None;
         self.inner.store.read(&mut |tx| {
             out = Some(f(tx)?);
@@ -740,6 +759,21 @@ impl Kernel {
             })?;
             Ok(out)
         })
+    }
+
+    /// Committed spend per agent over the last `window_ms`, from the ledger (for burn rates).
+    /// Scans the ledger; meant for operators, not the hot path.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn spend_in_window(&self, window_ms: i64) -> Result<std::collections::BTreeMap<String, i64>> {
+        let since = self.now().saturating_sub(window_ms);
+        self.read(|tx| Ok(tx.spend_since(since)?.into_iter().collect()))
+    }
+
+    /// The time now, by the kernel's clock, ms since the epoch.
+    pub fn now_ms(&self) -> i64 {
+        self.now()
     }
 
     /// Verifies the ledger and the counters over one snapshot (see [`crate::ledger::audit`]).

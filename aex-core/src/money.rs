@@ -41,16 +41,24 @@ pub fn parse_usd(field: &str, text: &str) -> Result<i64> {
     check_amount(field, micro)
 }
 
-/// Converts a float USD amount (from a language edge) to micro-USD, rounding to the nearest.
+/// Converts a float USD amount (from a language edge or a YAML number) to micro-USD. The float
+/// must denote a decimal with at most six places (`0.1`, `12.345678`): its nearest micro-USD is
+/// then exact. A float with more places (`0.0000001`) is refused rather than silently rounded.
 ///
 /// # Errors
-/// [`Error::InvalidRequest`] naming `field` for NaN, infinities, negatives and amounts over
-/// [`MAX_MICRO`].
+/// [`Error::InvalidRequest`] naming `field` for NaN, infinities, negatives, more than six
+/// decimal places, and amounts over [`MAX_MICRO`].
 pub fn usd_from_f64(field: &str, usd: f64) -> Result<i64> {
     if !usd.is_finite() {
         return Err(Error::invalid(field, format!("must be a finite number, got {usd}")));
     }
-    let micro = (usd * MICROS_PER_USD as f64).round();
+    let scaled = usd * MICROS_PER_USD as f64;
+    let micro = scaled.round();
+    // A decimal with at most 6 places lands within float rounding error of an integer after
+    // scaling (relative 1e-12 is thousands of ulps); one with more places lands further off.
+    if (micro - scaled).abs() > (scaled.abs() * 1e-12).max(1e-9) {
+        return Err(Error::invalid(field, format!("has more than 6 decimal places (micro-USD), got {usd}")));
+    }
     if micro < 0.0 {
         return Err(Error::invalid(field, format!("must not be negative, got {usd}")));
     }
@@ -119,10 +127,14 @@ mod tests {
     }
 
     #[test]
-    fn floats_round_to_nearest_micro() {
+    fn floats_must_be_six_place_decimals() {
         assert_eq!(usd_from_f64("b", 0.1).unwrap(), 100_000);
-        assert_eq!(usd_from_f64("b", 0.0000014).unwrap(), 1);
-        assert_eq!(usd_from_f64("b", 0.0000016).unwrap(), 2);
+        assert_eq!(usd_from_f64("b", 0.15).unwrap(), 150_000);
+        assert_eq!(usd_from_f64("b", 12.345678).unwrap(), 12_345_678);
+        assert_eq!(usd_from_f64("b", 999_999_999.999999).unwrap(), 999_999_999_999_999);
+        assert!(usd_from_f64("b", 0.0000014).is_err());
+        assert!(usd_from_f64("b", 0.1234567).is_err());
+        assert!(usd_from_f64("b", 1.23456789).is_err());
         assert!(usd_from_f64("b", f64::NAN).is_err());
         assert!(usd_from_f64("b", -0.5).is_err());
         assert!(usd_from_f64("b", 2e9).is_err());

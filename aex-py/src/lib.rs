@@ -1,11 +1,475 @@
-//! The native module `aex._aex`. It converts types and errors and holds no rules; the pure-Python
-//! package in `python/aex` re-exports it.
+//! The native module `aex._aex`: converts Python values to `aex_core` types and errors to the
+//! exceptions of `aex.errors`, and holds no rules. The pure-Python package in `python/aex`
+//! builds the friendly surface (the guard, usage objects, the CLI) on top.
+//!
+//! Every call that touches the store releases the GIL (`py.detach`) after its arguments are
+//! converted, so threads sharing one kernel run their store work in parallel with Python code.
 
+#![allow(clippy::too_many_arguments)]
+
+mod convert;
+
+use std::sync::Arc;
+
+use aex_core::{AdmitRequest, AgentSpec, BudgetPeriod, Capabilities, Config, Durability, Head, Kernel, KernelOptions, ManualClock, Message, Scope, StoreOptions, TeamSpec, Usage, wire};
 use pyo3::prelude::*;
+use pyo3::types::PyAny;
 
-/// The native module.
+use convert::{ToPy, amount_micro, err, invalid};
+
+/// A governance kernel over one SQLite database. Thread-safe; share one between threads.
+/// After `os.fork()`, open a new kernel in the child: a SQLite connection must not cross a fork.
+#[pyclass(frozen, subclass, name = "Kernel", module = "aex._aex")]
+struct Kernel_ {
+    kernel: Kernel,
+    clock: Option<ManualClock>,
+}
+
+fn detach<T: Send>(py: Python<'_>, f: impl FnOnce() -> aex_core::Result<T> + Send) -> PyResult<T> {
+    py.detach(f).map_err(|e| err(py, &e))
+}
+
+/// An admitted execution. Read its fields as attributes (`a.execution_id`) or like a dict
+/// (`a["execution_id"]`, `a.to_dict()`).
+#[pyclass(frozen, get_all, name = "Admission", module = "aex._aex")]
+struct PyAdmission {
+    execution_id: String,
+    agent: String,
+    model: String,
+    input_tokens: i64,
+    max_output_tokens: i64,
+    reserved_micro: i64,
+    expires_at_ms: i64,
+    state: &'static str,
+    replayed: bool,
+}
+
+/// The outcome of commit, release or fail; attributes or dict access, like `Admission`.
+#[pyclass(frozen, get_all, name = "Settlement", module = "aex._aex")]
+struct PySettlement {
+    execution_id: String,
+    agent: String,
+    state: &'static str,
+    reserved_micro: i64,
+    cost_micro: i64,
+    released_micro: i64,
+    overrun_micro: i64,
+    expired: bool,
+    replayed: bool,
+}
+
+impl From<aex_core::Admission> for PyAdmission {
+    fn from(a: aex_core::Admission) -> Self {
+        PyAdmission {
+            execution_id: a.execution_id,
+            agent: a.agent,
+            model: a.model,
+            input_tokens: a.input_tokens,
+            max_output_tokens: a.max_output_tokens,
+            reserved_micro: a.reserved_micro,
+            expires_at_ms: a.expires_at_ms,
+            state: a.state.as_str(),
+            replayed: a.replayed,
+        }
+    }
+}
+
+impl From<aex_core::Settlement> for PySettlement {
+    fn from(s: aex_core::Settlement) -> Self {
+        PySettlement {
+            execution_id: s.execution_id,
+            agent: s.agent,
+            state: s.state.as_str(),
+            reserved_micro: s.reserved_micro,
+            cost_micro: s.cost_micro,
+            released_micro: s.released_micro,
+            overrun_micro: s.overrun_micro,
+            expired: s.expired,
+            replayed: s.replayed,
+        }
+    }
+}
+
+/// `obj[key]` and `to_dict()` over a frozen result's attributes.
+macro_rules! dict_like {
+    ($t:ty, [$($field:ident),+]) => {
+        #[pymethods]
+        impl $t {
+            fn __getitem__(slf: &Bound<'_, Self>, key: &str) -> PyResult<Py<PyAny>> {
+                match key {
+                    $(stringify!($field) => Ok(slf.getattr(stringify!($field))?.unbind()),)+
+                    _ => Err(pyo3::exceptions::PyKeyError::new_err(key.to_string())),
+                }
+            }
+
+            #[pyo3(signature = (key, default=None))]
+            fn get(slf: &Bound<'_, Self>, key: &str, default: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+                match key {
+                    $(stringify!($field) => Ok(slf.getattr(stringify!($field))?.unbind()),)+
+                    _ => Ok(default.unwrap_or_else(|| slf.py().None())),
+                }
+            }
+
+            fn to_dict<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+                let d = pyo3::types::PyDict::new(slf.py());
+                $(d.set_item(stringify!($field), slf.getattr(stringify!($field))?)?;)+
+                Ok(d)
+            }
+
+            fn __repr__(&self) -> String {
+                let mut parts = Vec::new();
+                $(parts.push(format!("{}={:?}", stringify!($field), self.$field));)+
+                format!("{}({})", stringify!($t).trim_start_matches("Py"), parts.join(", "))
+            }
+        }
+    };
+}
+
+dict_like!(PyAdmission, [execution_id, agent, model, input_tokens, max_output_tokens, reserved_micro, expires_at_ms, state, replayed]);
+dict_like!(PySettlement, [execution_id, agent, state, reserved_micro, cost_micro, released_micro, overrun_micro, expired, replayed]);
+
+#[pymethods]
+impl Kernel_ {
+    #[new]
+    #[pyo3(signature = (path, *, config=None, config_yaml=None, durability="full", ledger_key=None, reservation_ttl_ms=None, manual_clock_ms=None))]
+    fn new(
+        py: Python<'_>,
+        path: &str,
+        config: Option<&str>,
+        config_yaml: Option<&str>,
+        durability: &str,
+        ledger_key: Option<Vec<u8>>,
+        reservation_ttl_ms: Option<i64>,
+        manual_clock_ms: Option<i64>,
+    ) -> PyResult<Self> {
+        let mut options = KernelOptions::default();
+        options.store = StoreOptions { durability: Durability::parse(durability).map_err(|e| err(py, &e))?, ..StoreOptions::default() };
+        options.config = match (config, config_yaml) {
+            (Some(_), Some(_)) => return Err(invalid(py, "config", "give config or config_yaml, not both")),
+            (Some(p), None) => Config::load(p).map_err(|e| err(py, &e))?,
+            (None, Some(text)) => Config::from_yaml(text).map_err(|e| err(py, &e))?,
+            (None, None) => Config::default(),
+        };
+        options.ledger_key = ledger_key;
+        if let Some(ttl) = reservation_ttl_ms {
+            options.reservation_ttl_ms = ttl;
+        }
+        let clock = manual_clock_ms.map(ManualClock::new);
+        if let Some(c) = &clock {
+            options.clock = Arc::new(c.clone());
+        }
+        let path = path.to_string();
+        let kernel = detach(py, move || if path == ":memory:" { Kernel::open_in_memory(options) } else { Kernel::open(&path, options) })?;
+        Ok(Kernel_ { kernel, clock })
+    }
+
+    /// For tests: moves a manual clock (opened with `manual_clock_ms`).
+    fn advance_clock(&self, py: Python<'_>, ms: i64) -> PyResult<()> {
+        let clock = self.clock.as_ref().ok_or_else(|| invalid(py, "manual_clock_ms", "this kernel was not opened with a manual clock"))?;
+        clock.advance(ms);
+        Ok(())
+    }
+
+    #[pyo3(signature = (name, budget_usd, *, rpm=None, tpm=None, allowed_models=None, tools=true, streaming=true, vision=true, strict=false, ttl_ms=None, scope="execution", allow_passthrough=false, max_concurrent=None, budget_period="never", team=None))]
+    fn create_agent(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        budget_usd: &Bound<'_, PyAny>,
+        rpm: Option<&Bound<'_, PyAny>>,
+        tpm: Option<&Bound<'_, PyAny>>,
+        allowed_models: Option<Vec<String>>,
+        tools: bool,
+        streaming: bool,
+        vision: bool,
+        strict: bool,
+        ttl_ms: Option<&Bound<'_, PyAny>>,
+        scope: &str,
+        allow_passthrough: bool,
+        max_concurrent: Option<&Bound<'_, PyAny>>,
+        budget_period: &str,
+        team: Option<String>,
+    ) -> PyResult<String> {
+        let spec = AgentSpec {
+            name: name.to_string(),
+            budget_micro: amount_micro(py, "budget_usd", budget_usd)?,
+            rpm: convert::opt_int(py, "rpm", rpm)?,
+            tpm: convert::opt_int(py, "tpm", tpm)?,
+            allowed_models: allowed_models.unwrap_or_default(),
+            capabilities: Capabilities { tools, streaming, vision },
+            strict,
+            ttl_ms: convert::opt_int(py, "ttl_ms", ttl_ms)?,
+            scope: Scope::parse(scope).map_err(|e| err(py, &e))?,
+            allow_passthrough,
+            max_concurrent: convert::opt_int(py, "max_concurrent", max_concurrent)?,
+            budget_period: BudgetPeriod::parse(budget_period).map_err(|e| err(py, &e))?,
+            team,
+        };
+        let created = detach(py, || self.kernel.create_agent(&spec))?;
+        Ok(created.token.expose().to_string())
+    }
+
+    fn list_agents(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let agents = detach(py, || self.kernel.list_agents())?;
+        serde_json::Value::from(agents.iter().map(wire::agent_json).collect::<Vec<_>>()).to_py(py)
+    }
+
+    fn agent(&self, py: Python<'_>, name: &str) -> PyResult<Py<PyAny>> {
+        let a = detach(py, || self.kernel.agent(name))?;
+        wire::agent_json(&a).to_py(py)
+    }
+
+    fn set_budget(&self, py: Python<'_>, name: &str, budget_usd: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let micro = amount_micro(py, "budget_usd", budget_usd)?;
+        let a = detach(py, || self.kernel.set_budget(name, micro))?;
+        wire::agent_json(&a).to_py(py)
+    }
+
+    fn add_budget(&self, py: Python<'_>, name: &str, delta_usd: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let micro = convert::signed_amount_micro(py, "delta_usd", delta_usd)?;
+        // The core names its argument `delta_micro`; here it is `delta_usd`.
+        let a = py.detach(|| self.kernel.add_budget(name, micro)).map_err(|e| match e {
+            aex_core::Error::InvalidRequest { field, rule } if field == "delta_micro" => {
+                invalid(py, "delta_usd", rule.replace("micro-USD", "micro-USD (USD x 1e6)"))
+            }
+            other => err(py, &other),
+        })?;
+        wire::agent_json(&a).to_py(py)
+    }
+
+    fn set_budget_period(&self, py: Python<'_>, name: &str, period: &str) -> PyResult<Py<PyAny>> {
+        let period = BudgetPeriod::parse(period).map_err(|e| err(py, &e))?;
+        let a = detach(py, || self.kernel.set_budget_period(name, period))?;
+        wire::agent_json(&a).to_py(py)
+    }
+
+    fn disable(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        detach(py, || self.kernel.set_disabled(name, true)).map(drop)
+    }
+
+    fn enable(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        detach(py, || self.kernel.set_disabled(name, false)).map(drop)
+    }
+
+    fn delete_agent(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        detach(py, || self.kernel.delete_agent(name))
+    }
+
+    #[pyo3(signature = (name, *, ttl_ms=None))]
+    fn rotate_token(&self, py: Python<'_>, name: &str, ttl_ms: Option<&Bound<'_, PyAny>>) -> PyResult<String> {
+        let ttl = convert::opt_int(py, "ttl_ms", ttl_ms)?;
+        detach(py, || self.kernel.rotate_token(name, ttl)).map(|t| t.expose().to_string())
+    }
+
+    #[pyo3(signature = (name, budget_usd, *, parent=None))]
+    fn create_team(&self, py: Python<'_>, name: &str, budget_usd: &Bound<'_, PyAny>, parent: Option<String>) -> PyResult<Py<PyAny>> {
+        let spec = TeamSpec { name: name.to_string(), budget_micro: amount_micro(py, "budget_usd", budget_usd)?, parent };
+        let t = detach(py, || self.kernel.create_team(&spec))?;
+        wire::team_json(&t).to_py(py)
+    }
+
+    fn team(&self, py: Python<'_>, name: &str) -> PyResult<Py<PyAny>> {
+        let t = detach(py, || self.kernel.team(name))?;
+        wire::team_json(&t).to_py(py)
+    }
+
+    fn list_teams(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let teams = detach(py, || self.kernel.list_teams())?;
+        serde_json::Value::from(teams.iter().map(wire::team_json).collect::<Vec<_>>()).to_py(py)
+    }
+
+    fn set_team_budget(&self, py: Python<'_>, name: &str, budget_usd: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let micro = amount_micro(py, "budget_usd", budget_usd)?;
+        let t = detach(py, || self.kernel.set_team_budget(name, micro))?;
+        wire::team_json(&t).to_py(py)
+    }
+
+    fn delete_team(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        detach(py, || self.kernel.delete_team(name))
+    }
+
+    /// Admits a call; `messages` are (role, text) pairs.
+    #[pyo3(signature = (token, model, *, messages=None, input_tokens=None, max_output_tokens=None, tools=false, stream=false, vision=false, execution_id=None))]
+    fn admit(
+        &self,
+        py: Python<'_>,
+        token: &str,
+        model: &str,
+        messages: Option<Vec<(String, String)>>,
+        input_tokens: Option<&Bound<'_, PyAny>>,
+        max_output_tokens: Option<&Bound<'_, PyAny>>,
+        tools: bool,
+        stream: bool,
+        vision: bool,
+        execution_id: Option<String>,
+    ) -> PyResult<PyAdmission> {
+        let request = AdmitRequest {
+            execution_id,
+            model: model.to_string(),
+            input_tokens: convert::opt_int(py, "input_tokens", input_tokens)?,
+            max_output_tokens: convert::opt_int(py, "max_output_tokens", max_output_tokens)?,
+            messages: messages.unwrap_or_default().into_iter().map(|(role, content)| Message { role, content }).collect(),
+            tools,
+            streaming: stream,
+            vision,
+        };
+        detach(py, || self.kernel.admit(token, &request)).map(PyAdmission::from)
+    }
+
+    fn mark_dispatched(&self, py: Python<'_>, execution_id: &str) -> PyResult<()> {
+        detach(py, || self.kernel.mark_dispatched(execution_id)).map(drop)
+    }
+
+    #[pyo3(signature = (execution_id, input_tokens, output_tokens, cached_input_tokens=None))]
+    fn commit_tokens(
+        &self,
+        py: Python<'_>,
+        execution_id: &str,
+        input_tokens: &Bound<'_, PyAny>,
+        output_tokens: &Bound<'_, PyAny>,
+        cached_input_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PySettlement> {
+        let usage = Usage {
+            input_tokens: convert::int(py, "input_tokens", input_tokens)?,
+            output_tokens: convert::int(py, "output_tokens", output_tokens)?,
+            cached_input_tokens: convert::opt_int(py, "cached_input_tokens", cached_input_tokens)?.unwrap_or(0),
+        };
+        detach(py, || self.kernel.commit(execution_id, usage)).map(PySettlement::from)
+    }
+
+    #[pyo3(signature = (execution_id, reason=""))]
+    fn release(&self, py: Python<'_>, execution_id: &str, reason: &str) -> PyResult<PySettlement> {
+        detach(py, || self.kernel.release(execution_id, reason)).map(PySettlement::from)
+    }
+
+    #[pyo3(signature = (execution_id, error=""))]
+    fn fail(&self, py: Python<'_>, execution_id: &str, error: &str) -> PyResult<PySettlement> {
+        detach(py, || self.kernel.fail(execution_id, error)).map(PySettlement::from)
+    }
+
+    #[pyo3(signature = (anchor=None))]
+    fn audit(&self, py: Python<'_>, anchor: Option<&str>) -> PyResult<Py<PyAny>> {
+        let anchor = anchor.map(Head::parse).transpose().map_err(|e| err(py, &e))?;
+        let r = detach(py, || self.kernel.audit(anchor.as_ref()))?;
+        wire::audit_json(&r).to_py(py)
+    }
+
+    fn head(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        Ok(detach(py, || self.kernel.head())?.map(|h| h.to_text()))
+    }
+
+    fn reload_config(&self, py: Python<'_>, path: &str) -> PyResult<()> {
+        detach(py, || self.kernel.reload_config_file(path))
+    }
+
+    #[pyo3(signature = (from_seq=1, limit=100))]
+    fn events(&self, py: Python<'_>, from_seq: u64, limit: usize) -> PyResult<Py<PyAny>> {
+        let events = detach(py, || self.kernel.events(from_seq, limit))?;
+        let list: Vec<serde_json::Value> = events
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "seq": e.seq, "ts_ms": e.ts_ms, "kind": e.kind, "agent": e.agent,
+                    "execution_id": e.execution_id, "amount_micro": e.amount_micro,
+                    "data": serde_json::from_str::<serde_json::Value>(&e.data).unwrap_or(serde_json::Value::Null),
+                    "hash": hex_encode(&e.hash),
+                })
+            })
+            .collect();
+        serde_json::Value::from(list).to_py(py)
+    }
+
+    fn spend_in_window(&self, py: Python<'_>, window_ms: i64) -> PyResult<Py<PyAny>> {
+        let spend = detach(py, || self.kernel.spend_in_window(window_ms))?;
+        serde_json::to_value(spend).unwrap_or_default().to_py(py)
+    }
+
+    fn execution(&self, py: Python<'_>, execution_id: &str) -> PyResult<Py<PyAny>> {
+        let e = detach(py, || self.kernel.execution(execution_id))?;
+        serde_json::json!({
+            "execution_id": e.id, "agent": e.agent, "state": e.state.as_str(), "model": e.model,
+            "input_tokens": e.input_tokens, "max_output_tokens": e.max_output_tokens,
+            "reserved_micro": e.reserved_micro, "cost_micro": e.cost_micro, "reason": e.reason,
+            "created_at_ms": e.created_at_ms, "expires_at_ms": e.expires_at_ms,
+        })
+        .to_py(py)
+    }
+
+    fn config_hash(&self) -> String {
+        hex_encode(&self.kernel.config().hash())
+    }
+
+    fn models(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        config_json(&self.kernel.config()).to_py(py)
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.kernel.now_ms()
+    }
+
+    /// For benchmarks: `n` admit + commit calls made from Rust on this kernel, with the GIL
+    /// released; returns the seconds they took. The same work as the Python calls, without Python.
+    fn _bench_native(&self, py: Python<'_>, token: &str, model: &str, n: usize) -> PyResult<f64> {
+        let request = AdmitRequest::new(model).input_tokens(1_200).max_output_tokens(256);
+        detach(py, || {
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                let a = self.kernel.admit(token, &request)?;
+                self.kernel.commit(&a.execution_id, Usage::new(1_200, 180))?;
+            }
+            Ok(start.elapsed().as_secs_f64())
+        })
+    }
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn config_json(c: &Config) -> serde_json::Value {
+    let models: serde_json::Map<String, serde_json::Value> = c
+        .models()
+        .map(|(name, m)| {
+            (name.to_string(), serde_json::json!({
+                "provider": m.provider,
+                "input_micro_per_mtok": m.prices.map(|p| p.input),
+                "output_micro_per_mtok": m.prices.map(|p| p.output),
+                "max_output_tokens": m.max_output_tokens,
+                "context_window": m.context_window,
+                "tools": m.capabilities.tools, "vision": m.capabilities.vision, "streaming": m.capabilities.streaming,
+            }))
+        })
+        .collect();
+    serde_json::json!({ "hash": hex_encode(&c.hash()), "models": models })
+}
+
+/// Parses and validates a `models.yaml` without opening a kernel; returns its models and hash.
+#[pyfunction]
+fn check_config(py: Python<'_>, path: &str) -> PyResult<Py<PyAny>> {
+    let c = Config::load(path).map_err(|e| err(py, &e))?;
+    config_json(&c).to_py(py)
+}
+
+/// Exact micro-USD of a USD amount (text, int, float rounded to the nearest micro, Decimal).
+#[pyfunction]
+fn usd_to_micro(py: Python<'_>, usd: &Bound<'_, PyAny>) -> PyResult<i64> {
+    amount_micro(py, "usd", usd)
+}
+
+/// Micro-USD as USD text ("0.01", "0.000001").
+#[pyfunction]
+fn format_usd(micro: i64) -> String {
+    aex_core::money::format_usd(micro)
+}
+
 #[pymodule]
 fn _aex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", aex_core::VERSION)?;
+    m.add_class::<Kernel_>()?;
+    m.add_class::<PyAdmission>()?;
+    m.add_class::<PySettlement>()?;
+    m.add_function(wrap_pyfunction!(check_config, m)?)?;
+    m.add_function(wrap_pyfunction!(usd_to_micro, m)?)?;
+    m.add_function(wrap_pyfunction!(format_usd, m)?)?;
     Ok(())
 }

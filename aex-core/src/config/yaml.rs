@@ -127,14 +127,7 @@ struct RawCapabilities {
 fn usd_per_mtok(field: &str, v: &Usd) -> Result<i64> {
     match v {
         Usd::Text(t) => money::parse_usd(field, t),
-        Usd::Number(x) => {
-            let micro = money::usd_from_f64(field, *x)?;
-            // A float is accepted only when it is a decimal with at most 6 places.
-            if ((micro as f64) - x * 1e6).abs() > 1e-3 {
-                return Err(Error::invalid(field, format!("has more than 6 decimal places (micro-USD), got {x}")));
-            }
-            Ok(micro)
-        }
+        Usd::Number(x) => money::usd_from_f64(field, *x),
     }
 }
 

@@ -107,6 +107,9 @@ pub trait Tx {
     /// Calls `f` on events with `seq >= from_seq` in seq order until it returns `false`.
     fn for_each_event(&mut self, from_seq: u64, f: &mut dyn FnMut(Event) -> Result<bool>) -> Result<()>;
 
+    /// Committed spend per agent name from events at or after `since_ms`.
+    fn spend_since(&mut self, since_ms: i64) -> Result<Vec<(String, i64)>>;
+
     /// A value from the store's metadata.
     fn meta(&mut self, key: &str) -> Result<Option<String>>;
     /// Sets a metadata value.

@@ -793,6 +793,15 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
+    fn spend_since(&mut self, since_ms: i64) -> Result<Vec<(String, i64)>> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT agent, SUM(amount_micro) FROM ledger WHERE ts_ms >= ?1 AND agent IS NOT NULL \
+             AND kind IN ('execution.committed', 'execution.expired') GROUP BY agent",
+        )?;
+        let rows = stmt.query_map([since_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     fn meta(&mut self, key: &str) -> Result<Option<String>> {
         Ok(self.0.prepare_cached("SELECT value FROM meta WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()?)
     }

@@ -1,0 +1,178 @@
+"""The Python face of the kernel: :class:`Kernel` and its guarded-call context manager."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Optional, Union, cast
+
+from . import _aex
+from ._inputs import normalize_messages, usage_tokens
+
+__all__ = ["Kernel", "Guard", "default_home"]
+
+
+def default_home() -> Path:
+    """Where ``Kernel.open()`` and the ``aex`` command keep their files: ``$AEX_HOME`` or
+    ``~/.aex``."""
+    return Path(os.environ.get("AEX_HOME") or Path.home() / ".aex")
+
+
+class Kernel(_aex.Kernel):
+    """A governance kernel over one SQLite database file.
+
+    ``Kernel(path, config="models.yaml")`` opens (creating if needed) the database. Safe to share
+    between threads; store work runs with the GIL released. After ``os.fork()`` open a new
+    kernel in the child (a SQLite connection must not cross a fork); with ``multiprocessing``,
+    open one in each worker.
+    """
+
+    @classmethod
+    def open(cls, home: Union[str, os.PathLike[str], None] = None, **kwargs: Any) -> "Kernel":
+        """Opens ``~/.aex/aex.db`` (or ``home``/aex.db), with ``models.yaml`` beside it if present."""
+        base = Path(home) if home is not None else default_home()
+        base.mkdir(parents=True, exist_ok=True)
+        config = base / "models.yaml"
+        if "config" not in kwargs and "config_yaml" not in kwargs and config.exists():
+            kwargs["config"] = str(config)
+        return cls(str(base / "aex.db"), **kwargs)
+
+    def admit_call(
+        self,
+        token: str,
+        model: str,
+        *,
+        messages: Any = None,
+        input_tokens: Optional[int] = None,
+        max_output_tokens: Optional[int] = None,
+        tools: Any = None,
+        stream: bool = False,
+        vision: Optional[bool] = None,
+        execution_id: Optional[str] = None,
+    ) -> _aex.Admission:
+        """Admits a call described the way OpenAI / LangChain callers have it: ``messages`` as
+        dicts, message objects or (role, text) pairs (image parts imply ``vision``), ``tools`` as a
+        list (non-empty means tools are used)."""
+        pairs, has_image = normalize_messages(messages)
+        return self.admit(
+            token,
+            model,
+            messages=pairs,
+            input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+            tools=bool(tools),
+            stream=bool(stream),
+            vision=has_image if vision is None else bool(vision),
+            execution_id=execution_id,
+        )
+
+    def commit(
+        self,
+        execution_id: str,
+        usage: Any = None,
+        *,
+        input_tokens: Optional[int] = None,
+        output_tokens: Optional[int] = None,
+        cached_input_tokens: Optional[int] = None,
+    ) -> _aex.Settlement:
+        """Settles at the real usage: an OpenAI usage object, a LangChain ``usage_metadata``
+        dict, or the token counts as keywords."""
+        if usage is not None:
+            input_tokens, output_tokens, cached_input_tokens = usage_tokens(usage)
+        # A missing count reaches the kernel as None and is refused there with InvalidRequest.
+        return self.commit_tokens(execution_id, cast(int, input_tokens), cast(int, output_tokens), cached_input_tokens)
+
+    def guard(self, token: str, model: str, **request: Any) -> "Guard":
+        """A context manager around one call: admits on enter (a denial raises before the body
+        runs), settles on a clean exit, releases on an exception (which propagates)."""
+        return Guard(self, token, model, request)
+
+
+class Guard:
+    """One guarded call. Use with ``with`` or ``async with``.
+
+    Inside the block call :meth:`commit` with the provider's usage. If the block ends cleanly
+    without committing, the call is settled at its full reservation (never under-charged). If it
+    raises, the reservation is released and the exception propagates.
+    """
+
+    __slots__ = ("_kernel", "_token", "_model", "_request", "admission", "settlement")
+
+    def __init__(self, kernel: Kernel, token: str, model: str, request: dict[str, Any]) -> None:
+        self._kernel = kernel
+        self._token = token
+        self._model = model
+        self._request = request
+        self.admission: Optional[_aex.Admission] = None
+        self.settlement: Optional[_aex.Settlement] = None
+
+    def _admitted(self) -> _aex.Admission:
+        if self.admission is None:
+            raise RuntimeError("the guard has not been entered")
+        return self.admission
+
+    @property
+    def execution_id(self) -> str:
+        return self._admitted().execution_id
+
+    @property
+    def max_output_tokens(self) -> int:
+        """The output cap reserved for: pass it to the provider as ``max_tokens``."""
+        return self._admitted().max_output_tokens
+
+    def __enter__(self) -> "Guard":
+        request = self._request
+        if "messages" in request or "tools" in request or "vision" in request:
+            self.admission = self._kernel.admit_call(self._token, self._model, **request)
+        else:  # the fast path: nothing to normalize
+            self.admission = self._kernel.admit(self._token, self._model, **request)
+        return self
+
+    def dispatched(self) -> None:
+        """Records that the call left the process (an expired reservation is then charged)."""
+        self._kernel.mark_dispatched(self.execution_id)
+
+    def commit(
+        self,
+        usage: Any = None,
+        *,
+        input_tokens: Optional[int] = None,
+        output_tokens: Optional[int] = None,
+        cached_input_tokens: Optional[int] = None,
+    ) -> _aex.Settlement:
+        """Settles at the real usage (see :meth:`Kernel.commit`)."""
+        self.settlement = self._kernel.commit(
+            self._admitted().execution_id,
+            usage,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_input_tokens=cached_input_tokens,
+        )
+        return self.settlement
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        a = self.admission
+        if self.settlement is not None or a is None:
+            return None
+        if exc_type is None:
+            self.settlement = self._kernel.commit_tokens(a.execution_id, a.input_tokens, a.max_output_tokens)
+        else:
+            self.settlement = self._kernel.release(a.execution_id, f"exception: {exc_type.__name__}")
+        return None
+
+    async def __aenter__(self) -> "Guard":
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)

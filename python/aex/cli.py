@@ -1,0 +1,339 @@
+"""The ``aex`` command: operate the agents, budgets and ledger of one database.
+
+Works on ``~/.aex/aex.db`` (or ``$AEX_HOME``) by default, or ``--db PATH``; reads
+``models.yaml`` beside the database unless ``--config`` says otherwise. Tables for people,
+``--json`` for scripts; errors are one line on stderr and a non-zero exit. The argument order of
+``agent create`` is the HTTP daemon's, so existing scripts keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from . import __version__, check_config, format_usd
+from ._kernel import Kernel, default_home
+from .errors import AexError
+
+_HOUR_MS = 3_600_000
+
+
+def _usd(micro: Optional[int]) -> str:
+    return "-" if micro is None else "$" + format_usd(micro)
+
+
+def _ts(ms: Optional[int]) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _hours_to_ms(hours: Optional[float]) -> Optional[int]:
+    return None if hours is None else int(round(hours * _HOUR_MS))
+
+
+def _positive_hours(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of hours, got {text!r}") from None
+    if not hours > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return hours
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+class Cli:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.db = Path(args.db or os.environ.get("AEX_DB") or default_home() / "aex.db")
+        config = args.config or os.environ.get("AEX_CONFIG")
+        beside = self.db.parent / "models.yaml"
+        self.config: Optional[Path] = Path(config) if config else (beside if beside.exists() else None)
+
+    def kernel(self) -> Kernel:
+        self.db.parent.mkdir(parents=True, exist_ok=True)
+        return Kernel(str(self.db), config=str(self.config) if self.config else None)
+
+    def out(self, data: Any, text: str) -> None:
+        print(json.dumps(data, indent=2, sort_keys=True) if self.args.json else text)
+
+    # ---- commands --------------------------------------------------------------------------
+
+    def init(self) -> int:
+        home = self.db.parent
+        home.mkdir(parents=True, exist_ok=True)
+        models = self.config or home / "models.yaml"
+        wrote = False
+        if not models.exists() or self.args.force:
+            shutil.copyfile(Path(__file__).with_name("default_models.yaml"), models)
+            wrote = True
+        self.config = models
+        k = self.kernel()
+        data = {"db": str(self.db), "config": str(models), "config_written": wrote, "models": len(k.models()["models"])}
+        self.out(data, f"database  {self.db}\nconfig    {models}{' (written)' if wrote else ' (kept)'}\nmodels    {data['models']}")
+        return 0
+
+    def agent_create(self) -> int:
+        a = self.args
+        k = self.kernel()
+        token = k.create_agent(
+            a.name,
+            a.budget_usd,
+            rpm=a.rpm,
+            tpm=a.tpm,
+            allowed_models=[m for m in (a.allowed_models or "").split(",") if m],
+            tools=not a.no_tools,
+            streaming=not a.no_streaming,
+            vision=not a.no_vision,
+            strict=a.strict,
+            ttl_ms=_hours_to_ms(a.ttl),
+            scope=a.scope,
+            allow_passthrough=a.allow_passthrough,
+            max_concurrent=a.max_concurrent,
+            budget_period=a.budget_period,
+            team=a.parent,
+        )
+        agent = k.agent(a.name)
+        self.out(
+            {"agent": agent, "token": token},
+            f"created agent {a.name} with budget {_usd(agent['budget_micro'])}\n"
+            f"token: {token}\n(shown once: aex stores only its hash)",
+        )
+        return 0
+
+    def agent_list(self) -> int:
+        agents = self.kernel().list_agents()
+        rows = [
+            [a["name"], _usd(a["budget_micro"]), _usd(a["spent_micro"]), _usd(a["reserved_micro"]), _usd(a["remaining_micro"]),
+             str(a["rpm"] or "-"), a["scope"], "disabled" if a["disabled"] else "active", a["token_prefix"] + "…"]
+            for a in agents
+        ]
+        headers = ["NAME", "BUDGET", "SPENT", "RESERVED", "REMAINING", "RPM", "SCOPE", "STATE", "TOKEN"]
+        self.out(agents, _table(rows, headers) if rows else "no agents")
+        return 0
+
+    def agent_inspect(self) -> int:
+        a = self.kernel().agent(self.args.name)
+        lines = [f"{k:<18} {v}" for k, v in sorted(a.items())]
+        self.out(a, "\n".join(lines))
+        return 0
+
+    def agent_delete(self) -> int:
+        self.kernel().delete_agent(self.args.name)
+        self.out({"deleted": self.args.name}, f"deleted agent {self.args.name}")
+        return 0
+
+    def agent_rotate(self) -> int:
+        token = self.kernel().rotate_token(self.args.name, ttl_ms=_hours_to_ms(self.args.ttl))
+        self.out({"agent": self.args.name, "token": token}, f"new token for {self.args.name}: {token}\n(the old one no longer works)")
+        return 0
+
+    def agent_set_budget(self) -> int:
+        a = self.kernel().set_budget(self.args.name, self.args.budget_usd)
+        self.out(a, f"{a['name']}: budget {_usd(a['budget_micro'])}, remaining {_usd(a['remaining_micro'])}")
+        return 0
+
+    def team_create(self) -> int:
+        t = self.kernel().create_team(self.args.name, self.args.budget_usd, parent=self.args.parent)
+        self.out(t, f"created team {t['name']} with budget {_usd(t['budget_micro'])}")
+        return 0
+
+    def team_list(self) -> int:
+        teams = self.kernel().list_teams()
+        rows = [[t["name"], t["parent"] or "-", _usd(t["budget_micro"]), _usd(t["spent_micro"]), _usd(t["reserved_micro"]), _usd(t["remaining_micro"])] for t in teams]
+        self.out(teams, _table(rows, ["TEAM", "PARENT", "BUDGET", "SPENT", "RESERVED", "REMAINING"]) if rows else "no teams")
+        return 0
+
+    def audit(self) -> int:
+        r = self.kernel().audit(self.args.anchor)
+        if r["clean"]:
+            text = f"audit: clean — {r['events']} events ({r['mode']}), {r['agents']} agents, {r['executions']} executions, head {r['head']}"
+        else:
+            f = r["failure"]
+            where = f" at seq {f['seq']}" if f["seq"] is not None else ""
+            who = f" ({f['agent']})" if f["agent"] else ""
+            text = f"audit: FAILED — {f['rule']}{where}{who}: {f['message']}"
+        self.out(r, text)
+        return 0 if r["clean"] else 1
+
+    def metrics(self) -> int:
+        k = self.kernel()
+        last_hour = k.spend_in_window(_HOUR_MS)
+        data = []
+        for a in k.list_agents():
+            burn = last_hour.get(a["name"], 0)
+            exhaustion = (a["remaining_micro"] / burn) if burn > 0 and a["remaining_micro"] > 0 else None
+            data.append({
+                "agent": a["name"], "budget_micro": a["budget_micro"], "spent_micro": a["spent_micro"],
+                "reserved_micro": a["reserved_micro"], "remaining_micro": a["remaining_micro"],
+                "burn_micro_per_hour": burn, "hours_to_exhaustion": exhaustion,
+            })
+        rows = [
+            [d["agent"], _usd(d["budget_micro"]), _usd(d["spent_micro"]), _usd(d["reserved_micro"]), _usd(d["remaining_micro"]),
+             _usd(d["burn_micro_per_hour"]) + "/h", "-" if d["hours_to_exhaustion"] is None else f"{d['hours_to_exhaustion']:.1f} h"]
+            for d in data
+        ]
+        headers = ["AGENT", "BUDGET", "SPENT", "RESERVED", "REMAINING", "BURN (1h)", "EXHAUSTED IN"]
+        self.out(data, _table(rows, headers) if rows else "no agents")
+        return 0
+
+    def status(self) -> int:
+        k = self.kernel()
+        data = {
+            "version": __version__, "db": str(self.db), "config": str(self.config) if self.config else None,
+            "config_hash": k.config_hash(), "models": len(k.models()["models"]), "head": k.head(),
+            "agents": len(k.list_agents()), "teams": len(k.list_teams()),
+        }
+        lines = [f"{key:<12} {'-' if v is None else v}" for key, v in data.items()]
+        self.out(data, "\n".join(lines))
+        return 0
+
+    def models_check(self) -> int:
+        path = self.args.path or self.config
+        if path is None:
+            raise AexError("no models.yaml: pass a PATH or --config", status=400, reason="invalid_request")
+        c = check_config(str(path))
+        rows = [[name, m["provider"] or "-", _usd(m["input_micro_per_mtok"]), _usd(m["output_micro_per_mtok"]), str(m["max_output_tokens"])] for name, m in sorted(c["models"].items())]
+        self.out(c, f"{path}: valid, {len(rows)} models, sha256 {c['hash']}\n" + _table(rows, ["MODEL", "PROVIDER", "IN /1M", "OUT /1M", "MAX OUT"]))
+        return 0
+
+    def models_reload(self) -> int:
+        path = self.args.path or self.config
+        if path is None:
+            raise AexError("no models.yaml: pass a PATH or --config", status=400, reason="invalid_request")
+        self.config = None
+        k = self.kernel()
+        k.reload_config(str(path))
+        self.out({"config": str(path), "hash": k.config_hash()}, f"reloaded {path} (sha256 {k.config_hash()}); recorded in the ledger")
+        return 0
+
+    def version(self) -> int:
+        self.out({"version": __version__}, f"aex {__version__}")
+        return 0
+
+    def ledger_tail(self) -> int:
+        k = self.kernel()
+        head = k.head()
+        last = int(head.split(":")[0]) if head else 0
+        events = k.events(max(1, last - self.args.n + 1), self.args.n) if last else []
+        rows = [[str(e["seq"]), _ts(e["ts_ms"]), e["kind"], e["agent"] or "-", e["execution_id"] or "-", str(e["amount_micro"])] for e in events]
+        self.out(events, _table(rows, ["SEQ", "TIME", "KIND", "AGENT", "EXECUTION", "AMOUNT µ$"]) if rows else "empty ledger")
+        return 0
+
+    def ledger_export(self) -> int:
+        k = self.kernel()
+        seq = self.args.from_seq
+        while True:
+            page = k.events(seq, 1000)
+            for e in page:
+                print(json.dumps(e, sort_keys=True))
+            if len(page) < 1000:
+                return 0
+            seq = page[-1]["seq"] + 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aex", description="Operate aex: agents, budgets, the ledger.")
+    p.add_argument("--db", help="database file (default: $AEX_DB or ~/.aex/aex.db)")
+    p.add_argument("--config", help="models.yaml (default: $AEX_CONFIG or models.yaml beside the database)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create the database and a default models.yaml")
+    init.add_argument("--force", action="store_true", help="overwrite an existing models.yaml")
+    init.set_defaults(run=Cli.init)
+
+    agent = sub.add_parser("agent", help="manage agents").add_subparsers(dest="agent_command", required=True)
+    c = agent.add_parser("create", help="create an agent and print its token once")
+    c.add_argument("name")
+    c.add_argument("budget_usd", help="budget in USD, e.g. 5.00")
+    c.add_argument("rpm", type=int, help="requests per minute")
+    c.add_argument("--tpm", type=int, help="tokens per minute")
+    c.add_argument("--allowed-models", help="comma-separated models (default: any configured)")
+    c.add_argument("--no-tools", action="store_true")
+    c.add_argument("--no-streaming", action="store_true")
+    c.add_argument("--no-vision", action="store_true")
+    c.add_argument("--strict", action="store_true", help="deny calls whose cost cannot be bounded")
+    c.add_argument("--ttl", type=_positive_hours, help="token lifetime in hours")
+    c.add_argument("--scope", choices=["execution", "read-only"], default="execution")
+    c.add_argument("--allow-passthrough", action="store_true")
+    c.add_argument("--parent", help="team whose budget the agent also draws from")
+    c.add_argument("--max-concurrent", type=int)
+    c.add_argument("--budget-period", choices=["never", "day", "week", "month"], default="never")
+    c.set_defaults(run=Cli.agent_create)
+    agent.add_parser("list", help="list agents").set_defaults(run=Cli.agent_list)
+    for name, run, help_text in [("inspect", Cli.agent_inspect, "show one agent"), ("delete", Cli.agent_delete, "delete an agent")]:
+        s = agent.add_parser(name, help=help_text)
+        s.add_argument("name")
+        s.set_defaults(run=run)
+    r = agent.add_parser("rotate-token", help="replace an agent's token")
+    r.add_argument("name")
+    r.add_argument("--ttl", type=_positive_hours, help="new token lifetime in hours")
+    r.set_defaults(run=Cli.agent_rotate)
+    b = agent.add_parser("set-budget", help="set an agent's budget")
+    b.add_argument("name")
+    b.add_argument("budget_usd")
+    b.set_defaults(run=Cli.agent_set_budget)
+
+    team = sub.add_parser("team", help="manage team budgets").add_subparsers(dest="team_command", required=True)
+    t = team.add_parser("create", help="create a team budget")
+    t.add_argument("name")
+    t.add_argument("budget_usd")
+    t.add_argument("--parent")
+    t.set_defaults(run=Cli.team_create)
+    team.add_parser("list", help="list teams").set_defaults(run=Cli.team_list)
+
+    a = sub.add_parser("audit", help="verify the ledger and the counters")
+    a.add_argument("--anchor", help="SEQ:HASH of a head kept elsewhere")
+    a.set_defaults(run=Cli.audit)
+    sub.add_parser("metrics", help="spend, burn rate and time to exhaustion per agent").set_defaults(run=Cli.metrics)
+    sub.add_parser("status", help="database, config and ledger head").set_defaults(run=Cli.status)
+
+    models = sub.add_parser("models", help="the models config").add_subparsers(dest="models_command", required=True)
+    for name, run, help_text in [("check", Cli.models_check, "validate a models.yaml"), ("reload", Cli.models_reload, "load a models.yaml and record it in the ledger")]:
+        m = models.add_parser(name, help=help_text)
+        m.add_argument("path", nargs="?")
+        m.set_defaults(run=run)
+
+    sub.add_parser("version", help="print the version").set_defaults(run=Cli.version)
+    ledger = sub.add_parser("ledger", help="read the ledger").add_subparsers(dest="ledger_command", required=True)
+    lt = ledger.add_parser("tail", help="the newest events")
+    lt.add_argument("-n", type=int, default=20)
+    lt.set_defaults(run=Cli.ledger_tail)
+    le = ledger.add_parser("export", help="every event as JSON lines")
+    le.add_argument("--from", dest="from_seq", type=int, default=1)
+    le.set_defaults(run=Cli.ledger_export)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(Cli(args)))
+    except AexError as e:
+        print(f"aex: error: {e.message} [{e.status} {e.reason}]", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"aex: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
