@@ -690,7 +690,21 @@ impl Kernel {
     /// [`Error::InvalidRequest`] for bad usage (nothing changes); [`Error::NotFound`];
     /// [`Error::Conflict`] if the execution was settled otherwise.
     pub fn commit(&self, execution_id: &str, usage: Usage) -> Result<Settlement> {
-        self.settle(execution_id, Terminal::Commit(usage))
+        self.settle(execution_id, Terminal::Commit(usage, false))
+    }
+
+    /// Settles an execution whose provider reported no usage (a stream cut off, a callback
+    /// without token counts) at a usage counted by the caller. Input tokens are raised to at least
+    /// what the reservation counted, so an estimate never charges less than admission assumed; the
+    /// ledger event is marked `"estimated": true`.
+    ///
+    /// # Errors
+    /// As [`Kernel::commit`].
+    pub fn commit_estimated(&self, execution_id: &str, usage: Usage) -> Result<Settlement> {
+        usage.validate()?;
+        let execution = self.execution(execution_id)?;
+        let usage = Usage { input_tokens: usage.input_tokens.max(execution.input_tokens), ..usage };
+        self.settle(execution_id, Terminal::Commit(usage, true))
     }
 
     /// Gives an execution's reservation back: the call did not happen.

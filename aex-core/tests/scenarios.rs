@@ -453,3 +453,16 @@ fn every_status_has_its_number() {
         assert_eq!(e.is_denial(), matches!(status, 401 | 402 | 403 | 429));
     }
 }
+
+#[test]
+fn an_estimated_commit_is_marked_and_never_below_the_admitted_input() {
+    let (k, _) = kernel();
+    let token = agent(&k, "atlas", 1_000_000);
+    let a = k.admit(&token, &req()).unwrap();
+    let s = k.commit_estimated(&a.execution_id, Usage::new(10, 200)).unwrap();
+    assert_eq!(s.cost_micro, 150 + 120, "input raised to the 1,000 tokens admission counted");
+    let ev = last_event(&k);
+    assert!(ev.kind == "execution.committed" && ev.data.contains("\"estimated\":true"), "{}", ev.data);
+    assert!(k.commit_estimated(&a.execution_id, Usage::new(10, 200)).unwrap().replayed);
+    assert_clean(&k);
+}

@@ -337,6 +337,19 @@ impl Kernel_ {
         detach(py, || self.kernel.commit(execution_id, usage)).map(PySettlement::from)
     }
 
+    /// Settles at a usage counted by the caller because the provider reported none; input is
+    /// raised to at least what admission counted, and the ledger marks it estimated.
+    fn commit_estimated(
+        &self,
+        py: Python<'_>,
+        execution_id: &str,
+        input_tokens: &Bound<'_, PyAny>,
+        output_tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<PySettlement> {
+        let usage = Usage::new(convert::int(py, "input_tokens", input_tokens)?, convert::int(py, "output_tokens", output_tokens)?);
+        detach(py, || self.kernel.commit_estimated(execution_id, usage)).map(PySettlement::from)
+    }
+
     #[pyo3(signature = (execution_id, reason=""))]
     fn release(&self, py: Python<'_>, execution_id: &str, reason: &str) -> PyResult<PySettlement> {
         detach(py, || self.kernel.release(execution_id, reason)).map(PySettlement::from)
@@ -456,6 +469,13 @@ fn usd_to_micro(py: Python<'_>, usd: &Bound<'_, PyAny>) -> PyResult<i64> {
     amount_micro(py, "usd", usd)
 }
 
+/// Tokens of `text` on `model`: the real tokenizer for OpenAI models, the UTF-8 byte length (an
+/// upper bound for byte-level BPE) for others.
+#[pyfunction]
+fn count_tokens(model: &str, text: &str) -> i64 {
+    aex_core::admission::count_text_tokens(model, text)
+}
+
 /// Micro-USD as USD text ("0.01", "0.000001").
 #[pyfunction]
 fn format_usd(micro: i64) -> String {
@@ -471,5 +491,6 @@ fn _aex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_config, m)?)?;
     m.add_function(wrap_pyfunction!(usd_to_micro, m)?)?;
     m.add_function(wrap_pyfunction!(format_usd, m)?)?;
+    m.add_function(wrap_pyfunction!(count_tokens, m)?)?;
     Ok(())
 }

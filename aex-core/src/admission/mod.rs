@@ -20,7 +20,7 @@
 
 mod tokens;
 
-pub use tokens::estimate_input_tokens;
+pub use tokens::{count_text_tokens, estimate_input_tokens};
 
 use serde_json::json;
 use sha2::{Digest, Sha256};

@@ -37,6 +37,13 @@ pub fn estimate_input_tokens(model: &str, messages: &[Message]) -> i64 {
     }
 }
 
+/// Counts the tokens of one text on `model` (no chat framing): the real tokenizer for OpenAI
+/// models, the UTF-8 byte length for others.
+pub fn count_text_tokens(model: &str, text: &str) -> i64 {
+    let bpe = tiktoken_rs::tokenizer::get_tokenizer(model).and_then(|t| tiktoken_rs::bpe_for_tokenizer(t).ok());
+    to_i64(bpe.map_or(text.len(), |bpe| bpe.count_ordinary(text)))
+}
+
 /// The byte-length bound used for models without a known tokenizer.
 pub fn byte_bound(messages: &[Message]) -> i64 {
     let body: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();

@@ -124,7 +124,8 @@ impl Settlement {
 /// The terminal call asked for.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Terminal<'a> {
-    Commit(Usage),
+    /// Commit at `usage`; `estimated` when aex counted it because the provider reported none.
+    Commit(Usage, bool),
     Release(&'a str),
     Fail(&'a str),
 }
@@ -132,7 +133,7 @@ pub(crate) enum Terminal<'a> {
 impl Terminal<'_> {
     fn state(&self) -> ExecutionState {
         match self {
-            Terminal::Commit(_) => ExecutionState::Committed,
+            Terminal::Commit(..) => ExecutionState::Committed,
             Terminal::Release(_) => ExecutionState::Released,
             Terminal::Fail(_) => ExecutionState::Failed,
         }
@@ -140,7 +141,7 @@ impl Terminal<'_> {
 
     pub(crate) fn validate(&self) -> Result<()> {
         match self {
-            Terminal::Commit(u) => u.validate(),
+            Terminal::Commit(u, _) => u.validate(),
             Terminal::Release(t) => check_reason("reason", t),
             Terminal::Fail(t) => check_reason("error", t),
         }
@@ -207,14 +208,14 @@ pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Term
         Err(err) => return Err(err),
     };
     let asked = match call {
-        Terminal::Commit(_) => "commit",
+        Terminal::Commit(..) => "commit",
         Terminal::Release(_) => "release",
         Terminal::Fail(_) => "fail",
     };
     if !e.state.is_open() {
         let same = e.state == call.state()
             && match call {
-                Terminal::Commit(u) => e.usage == Some(u),
+                Terminal::Commit(u, _) => e.usage == Some(u),
                 _ => true,
             };
         return Ok(if same { Ok(Settlement::of(&e, true)) } else { Err(refuse(&e, asked)) });
@@ -223,7 +224,7 @@ pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Term
     e.state = call.state();
     e.settled_at_ms = Some(now);
     let (kind, amount, data) = match call {
-        Terminal::Commit(usage) => {
+        Terminal::Commit(usage, estimated) => {
             let cost = usage.cost(&e.prices);
             e.cost_micro = Some(cost);
             e.usage = Some(usage);
@@ -232,6 +233,7 @@ pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Term
                 "input_tokens": usage.input_tokens,
                 "output_tokens": usage.output_tokens,
                 "cached_input_tokens": usage.cached_input_tokens,
+                "estimated": estimated,
             });
             (EventKind::Committed, cost, data)
         }
@@ -245,7 +247,7 @@ pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Term
         }
     };
     let (charged, rate_delta) = match call {
-        Terminal::Commit(u) => (amount, u.input_tokens + u.output_tokens - e.rate_tokens),
+        Terminal::Commit(u, _) => (amount, u.input_tokens + u.output_tokens - e.rate_tokens),
         _ => (0, -e.rate_tokens),
     };
     tx.update_execution(&e)?;
