@@ -27,6 +27,17 @@ use sha2::{Digest, Sha256};
 pub const DEFAULT_RESERVATION_TTL_MS: i64 = 15 * 60 * 1000;
 
 const META_LEDGER_MODE: &str = "ledger_mode";
+
+/// Inside a write transaction: unwraps `$result`, or ends the transaction with its error as the
+/// caller's answer (a lookup that finds nothing has changed nothing, so there is nothing to undo).
+macro_rules! or_answer {
+    ($result:expr) => {
+        match $result {
+            Ok(value) => value,
+            Err(e) => return Ok(Err(e)),
+        }
+    };
+}
 const META_LEDGER_KEY_CHECK: &str = "ledger_key_check";
 const META_CONFIG_HASH: &str = "config_hash";
 
@@ -263,10 +274,7 @@ impl Kernel {
         };
         agent.id = self.write(|tx| {
             if let Some(team) = &spec.team {
-                match Self::team_named(tx, team) {
-                    Ok(t) => agent.team_id = Some(t.id),
-                    Err(e) => return Ok(Err(e)),
-                }
+                agent.team_id = Some(or_answer!(Self::team_named(tx, team)).id);
             }
             let id = match tx.insert_agent(&agent, &token.hash()) {
                 Ok(id) => id,
@@ -339,15 +347,9 @@ impl Kernel {
         let hasher = &self.inner.hasher;
         let now = self.now();
         self.write(|tx| {
-            let mut agent = match Self::agent_named(tx, name) {
-                Ok(a) => a,
-                Err(e) => return Ok(Err(e)),
-            };
+            let mut agent = or_answer!(Self::agent_named(tx, name));
             let old = agent.budget_micro;
-            agent.budget_micro = match new_budget(old) {
-                Ok(b) => b,
-                Err(e) => return Ok(Err(e)),
-            };
+            agent.budget_micro = or_answer!(new_budget(old));
             tx.update_agent(&agent)?;
             let data = json!({ "previous_micro": old });
             ledger::append(tx, hasher, now, NewEvent::agent(EventKind::BudgetSet, name, agent.budget_micro, data))?;
@@ -364,10 +366,7 @@ impl Kernel {
         let hasher = &self.inner.hasher;
         let now = self.now();
         self.write(|tx| {
-            let mut agent = match Self::agent_named(tx, name) {
-                Ok(a) => a,
-                Err(e) => return Ok(Err(e)),
-            };
+            let mut agent = or_answer!(Self::agent_named(tx, name));
             if agent.disabled != disabled {
                 agent.disabled = disabled;
                 tx.update_agent(&agent)?;
@@ -389,10 +388,7 @@ impl Kernel {
         let hasher = &self.inner.hasher;
         let now = self.now();
         self.write(|tx| {
-            let agent = match Self::agent_named(tx, name) {
-                Ok(a) => a,
-                Err(e) => return Ok(Err(e)),
-            };
+            let agent = or_answer!(Self::agent_named(tx, name));
             for e in tx.open_executions(Some(agent.id), None)? {
                 settlement::settle(tx, hasher, &e.id, Terminal::Release("agent_deleted"), now)??;
             }
@@ -417,10 +413,7 @@ impl Kernel {
         let hasher = &self.inner.hasher;
         let now = self.now();
         self.write(|tx| {
-            let mut agent = match Self::agent_named(tx, name) {
-                Ok(a) => a,
-                Err(e) => return Ok(Err(e)),
-            };
+            let mut agent = or_answer!(Self::agent_named(tx, name));
             if ttl_ms.is_some() {
                 agent.ttl_ms = ttl_ms;
                 tx.update_agent(&agent)?;
@@ -444,10 +437,7 @@ impl Kernel {
         let hasher = &self.inner.hasher;
         let now = self.now();
         self.write(|tx| {
-            let mut agent = match Self::agent_named(tx, name) {
-                Ok(a) => a,
-                Err(e) => return Ok(Err(e)),
-            };
+            let mut agent = or_answer!(Self::agent_named(tx, name));
             agent.budget_period = period;
             agent.period_start_ms = period.start_of(now);
             tx.update_agent(&agent)?;
@@ -469,10 +459,7 @@ impl Kernel {
         let hasher = &self.inner.hasher;
         let now = self.now();
         self.write(|tx| {
-            let parent = match spec.parent.as_deref().map(|p| Self::team_named(tx, p)).transpose() {
-                Ok(p) => p,
-                Err(e) => return Ok(Err(e)),
-            };
+            let parent = or_answer!(spec.parent.as_deref().map(|p| Self::team_named(tx, p)).transpose());
             if let Some(p) = &parent {
                 // The new team, its parent, and every team above that.
                 let mut depth = 2;
@@ -531,10 +518,7 @@ impl Kernel {
         let hasher = &self.inner.hasher;
         let now = self.now();
         self.write(|tx| {
-            let mut team = match Self::team_named(tx, name) {
-                Ok(t) => t,
-                Err(e) => return Ok(Err(e)),
-            };
+            let mut team = or_answer!(Self::team_named(tx, name));
             let previous = team.budget_micro;
             team.budget_micro = budget_micro;
             tx.update_team_budget(team.id, budget_micro)?;
@@ -553,10 +537,7 @@ impl Kernel {
         let hasher = &self.inner.hasher;
         let now = self.now();
         self.write(|tx| {
-            let team = match Self::team_named(tx, name) {
-                Ok(t) => t,
-                Err(e) => return Ok(Err(e)),
-            };
+            let team = or_answer!(Self::team_named(tx, name));
             if tx.team_members(team.id)? > 0 || team.reserved_micro != 0 {
                 return Ok(Err(Error::conflict(
                     ConflictReason::InvalidTransition,
