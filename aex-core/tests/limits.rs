@@ -396,3 +396,20 @@ fn threads_racing_through_a_shared_team_budget_never_overshoot_it() {
     assert_eq!(k.team("org").unwrap().spent_micro, K * PER_CALL);
     assert_clean(&k);
 }
+
+#[test]
+fn spend_from_before_a_period_change_still_audits() {
+    let (k, clock) = kernel();
+    let t = agent(&k, "atlas", 10_000);
+    let a = k.admit(&t, &AdmitRequest::new(MODEL).input_tokens(1_000).max_output_tokens(500)).unwrap();
+    k.commit(&a.execution_id, Usage::new(1_000, 500)).unwrap(); // charged in January
+    clock.set(T0 + 40 * 86_400_000); // February 10
+    k.set_budget_period("atlas", BudgetPeriod::Month).unwrap();
+    assert_eq!(k.agent("atlas").unwrap().spent_micro, 450, "kept across the change");
+    assert_clean(&k);
+    clock.set(T0 + 60 * 86_400_000); // March 2: renewed on the next touch
+    let b = k.admit(&t, &AdmitRequest::new(MODEL).input_tokens(1_000).max_output_tokens(500)).unwrap();
+    k.commit(&b.execution_id, Usage::new(1_000, 500)).unwrap();
+    assert_eq!(k.agent("atlas").unwrap().spent_micro, 450);
+    assert_clean(&k);
+}

@@ -466,3 +466,21 @@ fn an_estimated_commit_is_marked_and_never_below_the_admitted_input() {
     assert!(k.commit_estimated(&a.execution_id, Usage::new(10, 200)).unwrap().replayed);
     assert_clean(&k);
 }
+
+#[test]
+fn tokens_never_reach_the_database_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = file_kernel(&dir.path().join("aex.db"));
+    let token = agent(&k, "atlas", 1_000_000);
+    let rotated = k.rotate_token("atlas", None).unwrap();
+    let a = k.admit(rotated.expose(), &req()).unwrap();
+    k.commit(&a.execution_id, Usage::new(10, 10)).unwrap();
+    assert!(k.admit(&token, &req()).is_err()); // a denial with the old token is recorded too
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        for secret in [token.as_str(), rotated.expose()] {
+            let secret_part = &secret.as_bytes()[10..]; // past the display prefix
+            assert!(!bytes.windows(secret_part.len()).any(|w| w == secret_part), "a token reached the database files");
+        }
+    }
+}

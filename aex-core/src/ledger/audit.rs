@@ -10,7 +10,7 @@
 //!    execution may have at most one terminal event, and every event must fit the state replay
 //!    has reached.
 //! 3. **live state** — every agent and team row equals its replayed budget, spent and reserved;
-//!    `spent` equals the committed costs (for an agent, since its period started) and `reserved`
+//!    `spent` equals the committed costs (for an agent, since its last renewal) and `reserved`
 //!    the open reservations in the executions table; every execution row agrees with its
 //!    replayed state. A team is named `team:NAME` in a failure.
 //!
@@ -121,6 +121,9 @@ struct Counters {
     budget: i64,
     spent: i64,
     reserved: i64,
+    /// When `spent` last started from zero (the last `budget_renewed`; 0 before any): the
+    /// executions committed since then make up `spent`.
+    spent_since_ms: i64,
 }
 
 #[derive(Debug)]
@@ -257,7 +260,10 @@ fn replay(state: &mut Replay, e: &super::Event) -> Option<AuditFailure> {
     };
     match kind {
         EventKind::BudgetSet => agent.budget = e.amount_micro,
-        EventKind::BudgetRenewed => agent.spent = 0,
+        EventKind::BudgetRenewed => {
+            agent.spent = 0;
+            agent.spent_since_ms = e.ts_ms;
+        }
         EventKind::AgentDisabled | EventKind::AgentEnabled | EventKind::TokenRotated | EventKind::BudgetPeriodSet => {}
         _ => {
             let Some(id) = e.execution_id.as_deref() else {
@@ -341,7 +347,10 @@ fn check_live(tx: &mut dyn Tx, replayed: &Replay, report: &mut AuditReport) -> R
     let live = tx.agents()?;
     let live_teams = tx.teams()?;
     report.agents = live.len() as u64;
-    let period_start: HashMap<i64, i64> = live.iter().map(|a| (a.id, a.period_start_ms)).collect();
+    // Spend counts from the agent's last renewal as the ledger recorded it (not `period_start_ms`,
+    // which a period change moves while keeping what was spent).
+    let spent_since: HashMap<i64, i64> =
+        live.iter().map(|a| (a.id, replayed.agents.get(&a.name).map_or(0, |c| c.spent_since_ms))).collect();
     let mut agent_sums: BTreeMap<i64, Sums> = BTreeMap::new();
     let mut team_sums: BTreeMap<i64, Sums> = BTreeMap::new();
     let mut first: Option<AuditFailure> = None;
@@ -349,7 +358,7 @@ fn check_live(tx: &mut dyn Tx, replayed: &Replay, report: &mut AuditReport) -> R
         report.executions += 1;
         if x.state == ExecutionState::Committed {
             let cost = x.cost_micro.unwrap_or(0);
-            let since = period_start.get(&x.agent_id).copied().unwrap_or(0);
+            let since = spent_since.get(&x.agent_id).copied().unwrap_or(0);
             if x.settled_at_ms.unwrap_or(0) >= since {
                 agent_sums.entry(x.agent_id).or_default().spent += cost;
             }
