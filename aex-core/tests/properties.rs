@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aex_core::{AdmitRequest, AgentSpec, Error, ExecutionState, Kernel, KernelOptions, ManualClock, Usage, money};
+use aex_core::{AdmitRequest, AgentSpec, Error, ExecutionState, Kernel, KernelOptions, ManualClock, TeamSpec, Usage, money};
 use common::*;
 use proptest::prelude::*;
 
@@ -27,6 +27,7 @@ enum Op {
     SetBudget { agent: usize, budget: i64 },
     AddBudget { agent: usize, delta: i64 },
     Disable { agent: usize, disabled: bool },
+    SetTeamBudget { budget: i64 },
     Advance { ms: i64 },
     Reconcile,
 }
@@ -43,6 +44,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (agent.clone(), 0i64..200_000).prop_map(|(agent, budget)| Op::SetBudget { agent, budget }),
         1 => (agent.clone(), -100_000i64..100_000).prop_map(|(agent, delta)| Op::AddBudget { agent, delta }),
         1 => (agent, any::<bool>()).prop_map(|(agent, disabled)| Op::Disable { agent, disabled }),
+        1 => (0i64..100_000).prop_map(|budget| Op::SetTeamBudget { budget }),
         2 => (0i64..7_000).prop_map(|ms| Op::Advance { ms }),
         1 => Just(Op::Reconcile),
     ]
@@ -68,8 +70,12 @@ struct MExec {
     expired: bool,
 }
 
+/// Agents 0 and 1 draw from the team "org" too; agent 2 does not.
+const TEAM_MEMBERS: usize = 2;
+
 struct Model {
     agents: Vec<MAgent>,
+    team: MAgent,
     execs: HashMap<String, MExec>,
     order: Vec<String>,
     now: i64,
@@ -81,15 +87,23 @@ impl Model {
         if !e.state.is_open() || e.expires_at > self.now {
             return;
         }
-        let a = &mut self.agents[e.agent];
-        a.reserved -= e.reserved;
-        if e.state == ExecutionState::Dispatched {
-            a.spent += e.reserved;
-            e.state = ExecutionState::Committed;
-        } else {
-            e.state = ExecutionState::Released;
-        }
+        let dispatched = e.state == ExecutionState::Dispatched;
+        let charged = if dispatched { e.reserved } else { 0 };
+        e.state = if dispatched { ExecutionState::Committed } else { ExecutionState::Released };
         e.expired = true;
+        let (agent, reserved) = (e.agent, e.reserved);
+        self.post(agent, reserved, charged);
+    }
+
+    /// Takes a reservation off the agent (and its team) and charges `charged`.
+    fn post(&mut self, agent: usize, reserved: i64, charged: i64) {
+        let a = &mut self.agents[agent];
+        a.reserved -= reserved;
+        a.spent += charged;
+        if agent < TEAM_MEMBERS {
+            self.team.reserved -= reserved;
+            self.team.spent += charged;
+        }
     }
 
     fn expire_agent(&mut self, agent: Option<usize>) {
@@ -106,15 +120,23 @@ fn name(i: usize) -> String {
     format!("agent-{i}")
 }
 
-fn run(ops: Vec<Op>, budgets: [i64; AGENTS]) {
+fn run(ops: Vec<Op>, budgets: [i64; AGENTS], team_budget: i64) {
     let clock = ManualClock::new(T0);
     let options = KernelOptions { reservation_ttl_ms: TTL, config: config(), clock: Arc::new(clock.clone()), ..Default::default() };
     let k = Kernel::open_in_memory(options).unwrap();
     let cfg = config();
     let mut tokens = Vec::new();
-    let mut m = Model { agents: Vec::new(), execs: HashMap::new(), order: Vec::new(), now: T0 };
+    let mut m = Model {
+        agents: Vec::new(),
+        team: MAgent { budget: team_budget, ..Default::default() },
+        execs: HashMap::new(),
+        order: Vec::new(),
+        now: T0,
+    };
+    k.create_team(&TeamSpec::new("org", team_budget)).unwrap();
     for (i, b) in budgets.iter().enumerate() {
-        tokens.push(k.create_agent(&AgentSpec::new(name(i), *b)).unwrap().token.expose().to_string());
+        let team = (i < TEAM_MEMBERS).then(|| "org".to_string());
+        tokens.push(k.create_agent(&AgentSpec { team, ..AgentSpec::new(name(i), *b) }).unwrap().token.expose().to_string());
         m.agents.push(MAgent { budget: *b, ..Default::default() });
     }
 
@@ -128,9 +150,15 @@ fn run(ops: Vec<Op>, budgets: [i64; AGENTS]) {
                 if let Some(d) = edge {
                     k.reconcile().unwrap();
                     m.expire_agent(None);
+                    // For team members with an odd input, the team is put on the boundary instead.
+                    let team_edge = agent < TEAM_MEMBERS && (input % 2 == 1);
                     let a = &mut m.agents[agent];
-                    a.budget = (a.spent + a.reserved + estimate + d).max(0);
+                    a.budget = (a.spent + a.reserved + estimate + if team_edge { 100_000 } else { d }).max(0);
                     k.set_budget(&name(agent), a.budget).unwrap();
+                    if team_edge {
+                        m.team.budget = (m.team.spent + m.team.reserved + estimate + d).max(0);
+                        k.set_team_budget("org", m.team.budget).unwrap();
+                    }
                 }
                 let mut r = AdmitRequest::new(model).input_tokens(input);
                 r.max_output_tokens = max_out;
@@ -159,11 +187,27 @@ fn run(ops: Vec<Op>, budgets: [i64; AGENTS]) {
                     assert_eq!(got.unwrap_err(), want);
                     continue;
                 }
+                let team_remaining = m.team.budget - m.team.spent - m.team.reserved;
+                if agent < TEAM_MEMBERS && team_remaining < estimate {
+                    let want = Error::InsufficientBudget {
+                        agent: name(agent),
+                        team: Some("org".into()),
+                        needed_micro: estimate,
+                        remaining_micro: team_remaining,
+                    };
+                    assert_eq!(got.unwrap_err(), want);
+                    continue;
+                }
                 let adm = got.unwrap();
                 assert_eq!((adm.reserved_micro, adm.replayed), (estimate, false));
-                a.reserved += estimate;
+                m.agents[agent].reserved += estimate;
                 let live = k.agent(&name(agent)).unwrap();
                 assert!(live.spent_micro + live.reserved_micro <= live.budget_micro, "admission overshot: {live:?}");
+                if agent < TEAM_MEMBERS {
+                    m.team.reserved += estimate;
+                    let team = k.team("org").unwrap();
+                    assert!(team.spent_micro + team.reserved_micro <= team.budget_micro, "admission overshot the team: {team:?}");
+                }
                 m.order.push(adm.execution_id.clone());
                 let e = MExec {
                     agent,
@@ -201,11 +245,10 @@ fn run(ops: Vec<Op>, budgets: [i64; AGENTS]) {
                     let cost = usage.cost(&e.prices);
                     let s = got.unwrap();
                     assert_eq!((s.cost_micro, s.overrun_micro, s.replayed), (cost, (cost - e.reserved).max(0), false));
-                    let a = &mut m.agents[e.agent];
-                    a.reserved -= e.reserved;
-                    a.spent += cost;
                     e.state = ExecutionState::Committed;
                     e.usage = Some(usage);
+                    let (agent, reserved) = (e.agent, e.reserved);
+                    m.post(agent, reserved, cost);
                 } else if e.state == ExecutionState::Committed && e.usage == Some(usage) {
                     assert!(got.unwrap().replayed);
                 } else {
@@ -225,8 +268,9 @@ fn run(ops: Vec<Op>, budgets: [i64; AGENTS]) {
                 if e.state.is_open() {
                     let s = got.unwrap();
                     assert_eq!((s.released_micro, s.replayed), (e.reserved, false));
-                    m.agents[e.agent].reserved -= e.reserved;
                     e.state = target;
+                    let (agent, reserved) = (e.agent, e.reserved);
+                    m.post(agent, reserved, 0);
                 } else if e.state == target {
                     assert!(got.unwrap().replayed);
                 } else {
@@ -246,6 +290,10 @@ fn run(ops: Vec<Op>, budgets: [i64; AGENTS]) {
                     assert_eq!(got.unwrap().budget_micro, new);
                     m.agents[agent].budget = new;
                 }
+            }
+            Op::SetTeamBudget { budget } => {
+                k.set_team_budget("org", budget).unwrap();
+                m.team.budget = budget;
             }
             Op::Disable { agent, disabled } => {
                 k.set_disabled(&name(agent), disabled).unwrap();
@@ -269,6 +317,8 @@ fn run(ops: Vec<Op>, budgets: [i64; AGENTS]) {
                 "agent {i} after {op:?}"
             );
         }
+        let team = k.team("org").unwrap();
+        assert_eq!((team.budget_micro, team.spent_micro, team.reserved_micro), (m.team.budget, m.team.spent, m.team.reserved), "team after {op:?}");
         let report = k.audit(None).unwrap();
         assert!(report.is_clean(), "audit after {op:?}: {:?}", report.failure);
     }
@@ -281,7 +331,8 @@ proptest! {
     fn accounting_matches_the_model(
         ops in proptest::collection::vec(op(), 1..60),
         budgets in [0i64..20_000, 0i64..200_000, 0i64..2_000_000],
+        team_budget in 0i64..60_000,
     ) {
-        run(ops, budgets);
+        run(ops, budgets, team_budget);
     }
 }
