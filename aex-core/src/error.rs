@@ -79,6 +79,10 @@ reason_enum! {
         /// The request alone needs more tokens than a tokens-per-minute limit allows, so no wait
         /// would let it through.
         ExceedsRateLimit => "exceeds_rate_limit",
+        /// The request carries its own provider key and the agent may not pass keys through.
+        PassthroughNotAllowed => "passthrough_not_allowed",
+        /// The host holds no key for the provider, so the request must bring the agent's own.
+        PassthroughRequired => "passthrough_required",
     }
 }
 
@@ -123,6 +127,8 @@ reason_enum! {
         AgentConcurrency => "agent_concurrency",
         /// All open executions.
         GlobalConcurrency => "global_concurrency",
+        /// The provider itself answered 429.
+        Provider => "provider_rate_limit",
     }
 }
 

@@ -55,6 +55,9 @@ pub struct KernelOptions {
     pub config: Config,
     /// The time source.
     pub clock: Arc<dyn Clock>,
+    /// Timeouts and retries of governed provider calls.
+    #[cfg(feature = "dispatch")]
+    pub dispatch: crate::dispatch::DispatchOptions,
 }
 
 impl Default for KernelOptions {
@@ -65,6 +68,8 @@ impl Default for KernelOptions {
             reservation_ttl_ms: DEFAULT_RESERVATION_TTL_MS,
             config: Config::default(),
             clock: Arc::new(SystemClock),
+            #[cfg(feature = "dispatch")]
+            dispatch: crate::dispatch::DispatchOptions::default(),
         }
     }
 }
@@ -113,6 +118,8 @@ struct Inner {
     hasher: ChainHasher,
     config: RwLock<Arc<Config>>,
     reservation_ttl_ms: i64,
+    #[cfg(feature = "dispatch")]
+    dispatch: crate::dispatch::DispatchState,
 }
 
 impl Kernel {
@@ -152,6 +159,8 @@ impl Kernel {
                 hasher,
                 config: RwLock::new(Arc::new(options.config)),
                 reservation_ttl_ms: options.reservation_ttl_ms,
+                #[cfg(feature = "dispatch")]
+                dispatch: crate::dispatch::DispatchState::new(options.dispatch),
             }),
         };
         kernel.check_ledger_mode()?;
@@ -190,6 +199,11 @@ impl Kernel {
 
     fn now(&self) -> i64 {
         self.inner.clock.now_ms()
+    }
+
+    #[cfg(feature = "dispatch")]
+    pub(crate) fn dispatch_state(&self) -> &crate::dispatch::DispatchState {
+        &self.inner.dispatch
     }
 
     /// Runs `f` in a write transaction. `f`'s outer error rolls back; its inner result is the

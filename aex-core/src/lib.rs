@@ -38,6 +38,7 @@
 //! | [`reconcile`] | expiry of abandoned reservations |
 //! | [`ledger`] | the hash chain, `audit` and replay |
 //! | [`store`] | the `Store` trait and the SQLite store |
+//! | `dispatch` | governed provider calls over HTTP (feature `dispatch`, on by default) |
 //! | [`clock`] | time, replaceable in tests |
 //! | [`wire`] | the JSON forms shared by the C ABI, the vectors and the CLI |
 //!
@@ -53,6 +54,8 @@ pub mod auth;
 pub mod budget;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "dispatch")]
+pub mod dispatch;
 mod error;
 pub mod execution;
 mod kernel;

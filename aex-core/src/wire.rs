@@ -123,6 +123,7 @@ pub fn admit_request(text: &str) -> Result<AdmitRequest> {
         tools: j.tools,
         streaming: j.stream,
         vision: j.vision,
+        passthrough: false,
     })
 }
 

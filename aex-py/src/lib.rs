@@ -312,6 +312,7 @@ impl Kernel_ {
             tools,
             streaming: stream,
             vision,
+            passthrough: false,
         };
         detach(py, || self.kernel.admit(token, &request)).map(PyAdmission::from)
     }

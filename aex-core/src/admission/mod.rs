@@ -76,6 +76,8 @@ pub struct AdmitRequest {
     pub streaming: bool,
     /// The request carries images.
     pub vision: bool,
+    /// The request carries the agent's own provider key (the key itself never comes here).
+    pub passthrough: bool,
 }
 
 impl AdmitRequest {
@@ -139,6 +141,7 @@ impl AdmitRequest {
             "tools": self.tools,
             "streaming": self.streaming,
             "vision": self.vision,
+            "passthrough": self.passthrough,
         });
         Sha256::digest(canonical.to_string().as_bytes()).into()
     }

@@ -7,7 +7,8 @@
 //!    them;
 //! 4. strict mode: the model must be priced and the request must give `max_output_tokens`, so the
 //!    reservation bounds the cost;
-//! 5. input plus output tokens fit the model's context window, when it declares one.
+//! 5. input plus output tokens fit the model's context window, when it declares one;
+//! 6. a request carrying its own provider key needs an agent allowed to pass keys through.
 //!
 //! The token's scope is checked earlier, with authentication. Each denial is
 //! [`Error::PolicyDenied`] with a stable [`PolicyRule`] and a message naming the rule.
@@ -47,6 +48,12 @@ pub fn check<'c>(agent: &Agent, config: &'c Config, req: &AdmitRequest) -> Resul
         if used && !model_can {
             return Err(deny(model_rule, format!("model '{model}' cannot {what}")));
         }
+    }
+    if req.passthrough && !agent.allow_passthrough {
+        return Err(deny(
+            PolicyRule::PassthroughNotAllowed,
+            format!("agent '{name}' may not pass its own provider key through"),
+        ));
     }
     if agent.strict {
         if spec.prices.is_none() {

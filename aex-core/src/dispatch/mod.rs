@@ -1,0 +1,298 @@
+//! Governed provider calls: admit → dispatch → send → settle, in one call.
+//!
+//! For hosts without an HTTP stack of their own (C and C++ above all) and for anyone who wants a
+//! single call. The model is routed by `models.yaml` to its provider's OpenAI-compatible
+//! `base_url` (`/chat/completions`, `/responses`, `/embeddings`), the provider's own model name
+//! is substituted, and the response comes back unchanged.
+//!
+//! **Keys.** The host's key comes from the provider's `api_key_env`. A request may instead carry
+//! the agent's own key (passthrough), allowed only for agents created with `allow_passthrough`;
+//! when it does, the host's key is never used. A provider whose `api_key_env` is set but empty in
+//! the environment is strict bring-your-own-key: requests without a passthrough key are denied
+//! (`passthrough_required`). A provider without `api_key_env` (a local server) gets no key. Keys
+//! never reach the ledger, logs or errors.
+//!
+//! **One governed call.** The request is admitted exactly as [`crate::Kernel::admit`] would (its
+//! model, messages, output cap, tools, streaming and images), marked dispatched, sent with the
+//! reserved output cap injected when it set none (so the provider cannot exceed the
+//! reservation), and settled from the provider's `usage`. A response without usage, or a stream
+//! that is cut off or abandoned, is settled from the counted output, marked estimated.
+//!
+//! **Failures.** Connection errors and provider error statuses settle the attempt as failed (its
+//! reservation returns: no completion was produced). A timeout after the request was sent is
+//! settled at its full reservation, because the provider may have billed. A provider 429 ends the
+//! call with [`Error::RateLimited`] (`provider_rate_limit`) carrying the provider's retry-after.
+//! Retryable failures (connection errors, 5xx, timeouts) are retried up to `max_retries` times
+//! with jittered exponential backoff, then the model's `fallbacks` are tried in order. Every
+//! attempt is its own execution (`ID`, `ID.retry1`, `ID.fallback1`, ...), so each is a complete
+//! story in the ledger. Once a stream has delivered a chunk it is never retried.
+
+mod http;
+mod sse;
+
+use std::time::Duration;
+
+pub use http::DispatchState;
+
+use serde_json::Value;
+
+use crate::admission::{AdmitRequest, Message};
+use crate::error::{Error, PolicyRule, Result};
+use crate::settlement::{Settlement, Usage};
+use crate::Kernel;
+
+/// Which OpenAI-compatible endpoint a call goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST {base_url}/chat/completions`.
+    ChatCompletions,
+    /// `POST {base_url}/responses`.
+    Responses,
+    /// `POST {base_url}/embeddings`.
+    Embeddings,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Responses => "/responses",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+
+    /// Parses `chat`, `responses` or `embeddings`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] on field `endpoint`.
+    pub fn parse(s: &str) -> Result<Endpoint> {
+        match s {
+            "chat" | "chat.completions" | "chat_completions" => Ok(Endpoint::ChatCompletions),
+            "responses" => Ok(Endpoint::Responses),
+            "embeddings" => Ok(Endpoint::Embeddings),
+            _ => Err(Error::invalid("endpoint", format!("must be chat, responses or embeddings, got '{s}'"))),
+        }
+    }
+}
+
+/// Timeouts and retries of governed calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DispatchOptions {
+    /// How long to wait for a connection.
+    pub connect_timeout: Duration,
+    /// How long a whole non-streaming request may take; for a stream, how long until the
+    /// response starts.
+    pub request_timeout: Duration,
+    /// Retries of a retryable failure on the same model before moving to a fallback.
+    pub max_retries: u32,
+    /// The first retry's delay; each later one doubles, with ±50 % jitter.
+    pub retry_base_delay: Duration,
+}
+
+impl Default for DispatchOptions {
+    fn default() -> Self {
+        DispatchOptions {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(600),
+            max_retries: 2,
+            retry_base_delay: Duration::from_millis(250),
+        }
+    }
+}
+
+/// One governed provider call.
+#[derive(Debug, Clone)]
+pub struct ProviderCall {
+    /// Where it goes.
+    pub endpoint: Endpoint,
+    /// The OpenAI-style request body (`model`, `messages`, `max_tokens`, `stream`, ...).
+    pub body: Value,
+    /// The agent's own provider key, if it brings one. Never logged or recorded.
+    pub passthrough_key: Option<String>,
+    /// The execution id of the first attempt; a UUIDv7 when `None`.
+    pub execution_id: Option<String>,
+}
+
+impl ProviderCall {
+    /// A call to `endpoint` with `body`.
+    pub fn new(endpoint: Endpoint, body: Value) -> Self {
+        ProviderCall { endpoint, body, passthrough_key: None, execution_id: None }
+    }
+}
+
+/// The outcome of a governed call.
+#[derive(Debug, Clone)]
+pub struct ProviderReply {
+    /// The provider's response body, unchanged (`Null` for a stream: its chunks went to the
+    /// callback).
+    pub response: Value,
+    /// The model that answered (the requested one, or a fallback).
+    pub model: String,
+    /// The execution that was settled.
+    pub settlement: Settlement,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// The settlement was counted by aex (no usage from the provider, or a stream abandoned).
+    pub estimated: bool,
+}
+
+/// What an attempt's failure means for the rest of the call.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Give up with this error (a denial, a bad request, a provider 429).
+    Final(Error),
+    /// Try again, or fall back (a connection error, 5xx, a timeout).
+    Retryable(String),
+}
+
+/// The admission request a body describes.
+pub(crate) fn admit_request(endpoint: Endpoint, body: &Value, execution_id: &str, passthrough: bool) -> Result<AdmitRequest> {
+    let model = body.get("model").and_then(Value::as_str).ok_or_else(|| Error::invalid("model", "the request must name its model"))?;
+    let mut messages = Vec::new();
+    let mut vision = false;
+    let mut push = |role: &str, content: &Value| match content {
+        Value::String(text) => messages.push(Message::new(role, text.clone())),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for part in parts {
+                match part.get("type").and_then(Value::as_str) {
+                    Some("image_url" | "input_image" | "image") => vision = true,
+                    _ => {
+                        if let Some(t) = part.get("text").and_then(Value::as_str).or_else(|| part.as_str()) {
+                            text.push_str(t);
+                        }
+                    }
+                }
+            }
+            messages.push(Message::new(role, text));
+        }
+        _ => {}
+    };
+    let max_key = match endpoint {
+        Endpoint::ChatCompletions => {
+            for m in body.get("messages").and_then(Value::as_array).into_iter().flatten() {
+                let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+                push(role, m.get("content").unwrap_or(&Value::Null));
+            }
+            if body.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" }
+        }
+        Endpoint::Responses => {
+            if let Some(i) = body.get("instructions") {
+                push("system", i);
+            }
+            match body.get("input") {
+                Some(Value::Array(items)) => {
+                    for m in items {
+                        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+                        push(role, m.get("content").unwrap_or(m));
+                    }
+                }
+                Some(other) => push("user", other),
+                None => {}
+            }
+            "max_output_tokens"
+        }
+        Endpoint::Embeddings => {
+            match body.get("input") {
+                Some(Value::Array(items)) => items.iter().for_each(|i| push("user", i)),
+                Some(other) => push("user", other),
+                None => {}
+            }
+            ""
+        }
+    };
+    let max_output_tokens = if endpoint == Endpoint::Embeddings {
+        Some(1)
+    } else {
+        match body.get(max_key) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_i64().ok_or_else(|| Error::invalid(max_key, "must be an integer"))?),
+        }
+    };
+    let tools = body.get("tools").or_else(|| body.get("functions")).and_then(Value::as_array).is_some_and(|t| !t.is_empty());
+    Ok(AdmitRequest {
+        execution_id: Some(execution_id.to_string()),
+        model: model.to_string(),
+        input_tokens: None,
+        max_output_tokens,
+        messages,
+        tools,
+        streaming: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        vision,
+        passthrough,
+    })
+}
+
+/// `(input, output, cached input)` tokens from an OpenAI-style `usage` object of any endpoint.
+pub(crate) fn usage_of(usage: &Value) -> Option<Usage> {
+    let n = |v: Option<&Value>| v.and_then(Value::as_i64);
+    let input = n(usage.get("prompt_tokens")).or_else(|| n(usage.get("input_tokens")))?;
+    let output = n(usage.get("completion_tokens")).or_else(|| n(usage.get("output_tokens"))).unwrap_or(0);
+    let cached = n(usage.pointer("/prompt_tokens_details/cached_tokens"))
+        .or_else(|| n(usage.pointer("/input_tokens_details/cached_tokens")))
+        .unwrap_or(0);
+    Some(Usage { input_tokens: input, output_tokens: output, cached_input_tokens: cached.min(input) })
+}
+
+/// The text a response produced, for counting when it reports no usage.
+pub(crate) fn output_text(response: &Value) -> String {
+    let mut out = String::new();
+    for c in response.get("choices").and_then(Value::as_array).into_iter().flatten() {
+        if let Some(t) = c.pointer("/message/content").and_then(Value::as_str) {
+            out.push_str(t);
+        }
+    }
+    if let Some(t) = response.get("output_text").and_then(Value::as_str) {
+        out.push_str(t);
+    }
+    out
+}
+
+impl Kernel {
+    /// Makes one governed provider call (see the module docs) and returns the provider's
+    /// response unchanged.
+    ///
+    /// # Errors
+    /// The admission's denials; [`Error::RateLimited`] (`provider_rate_limit`) on a provider 429;
+    /// [`Error::Unavailable`] when every attempt failed; [`Error::InvalidRequest`] for a malformed
+    /// body or a provider 4xx.
+    pub async fn call_provider(&self, token: &str, call: ProviderCall) -> Result<ProviderReply> {
+        http::run(self, token, call, None).await
+    }
+
+    /// As [`Kernel::call_provider`] for `"stream": true` requests: each SSE `data` payload is
+    /// passed to `on_chunk` as it arrives; returning `false` abandons the stream, which is then
+    /// settled from the counted output (estimated).
+    ///
+    /// # Errors
+    /// As [`Kernel::call_provider`]; a stream cut off mid-way is settled, then reported as
+    /// [`Error::Unavailable`].
+    pub async fn stream_provider(&self, token: &str, call: ProviderCall, on_chunk: &mut (dyn FnMut(&str) -> bool + Send)) -> Result<ProviderReply> {
+        http::run(self, token, call, Some(on_chunk)).await
+    }
+
+    /// [`Kernel::call_provider`] on the kernel's own runtime, for callers without one. Must not
+    /// be called from inside an async runtime.
+    ///
+    /// # Errors
+    /// As [`Kernel::call_provider`].
+    pub fn call_provider_blocking(&self, token: &str, call: ProviderCall) -> Result<ProviderReply> {
+        self.dispatch_state().runtime()?.block_on(self.call_provider(token, call))
+    }
+
+    /// [`Kernel::stream_provider`] on the kernel's own runtime.
+    ///
+    /// # Errors
+    /// As [`Kernel::stream_provider`].
+    pub fn stream_provider_blocking(&self, token: &str, call: ProviderCall, on_chunk: &mut (dyn FnMut(&str) -> bool + Send)) -> Result<ProviderReply> {
+        self.dispatch_state().runtime()?.block_on(self.stream_provider(token, call, on_chunk))
+    }
+}
+
+/// The denial for a strict bring-your-own-key provider called without a key.
+pub(crate) fn passthrough_required(provider: &str) -> Error {
+    Error::PolicyDenied {
+        reason: PolicyRule::PassthroughRequired,
+        message: format!("the host holds no key for provider '{provider}': the request must bring the agent's own"),
+    }
+}
