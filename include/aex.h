@@ -82,6 +82,11 @@ typedef struct {
   bool replayed;
 } aex_settlement;
 
+// Called with each streamed SSE `data` payload (`len` bytes, not NUL-terminated) on the thread
+// that called `aex_kernel_stream`. Return `true` to continue, `false` to stop the stream (it is
+// then settled from the counted output).
+typedef bool (*aex_chunk_callback)(void *userdata, const char *data, size_t len);
+
 // Success.
 #define AEX_OK 0
 
@@ -429,6 +434,42 @@ aex_execution_state aex_admission_state(const aex_admission *a);
 // # Safety
 // `a` must be NULL or from `aex_kernel_admit`, not yet freed.
 void aex_admission_free(aex_admission *a);
+
+// Makes one governed provider call: admits `request_json` (an OpenAI-style body for
+// `endpoint`: "chat", "responses" or "embeddings"), sends it to the model's provider, settles
+// from the usage, and writes the provider's response JSON, unchanged, to `*response_json` (free
+// with `aex_string_free`). `passthrough_key` (may be NULL) is the agent's own provider key; it
+// is never recorded. `settlement_out` (may be NULL) receives the settlement. Blocks the calling
+// thread on the kernel's own runtime; thread-safe.
+//
+// # Safety
+// `k` live; `token`, `endpoint`, `request_json` NUL-terminated strings; `passthrough_key` NULL
+// or one; `response_json` writable; `settlement_out` NULL or writable; `err` NULL or writable.
+aex_status aex_kernel_call(const aex_kernel *k,
+                           const char *token,
+                           const char *endpoint,
+                           const char *request_json,
+                           const char *passthrough_key,
+                           char **response_json,
+                           aex_settlement *settlement_out,
+                           aex_error **err);
+
+// As `aex_kernel_call` for a streaming request: the body is sent with `"stream": true` (and
+// `stream_options.include_usage` for chat), and `callback` receives each SSE `data` payload as
+// it arrives. Returns when the stream ends, is stopped by the callback, or fails; the call is
+// settled in every case (from the counted output, marked estimated, when usage is missing).
+//
+// # Safety
+// As `aex_kernel_call`; `callback` must be a valid function; `userdata` is passed to it as is.
+aex_status aex_kernel_stream(const aex_kernel *k,
+                             const char *token,
+                             const char *endpoint,
+                             const char *request_json,
+                             const char *passthrough_key,
+                             aex_chunk_callback callback,
+                             void *userdata,
+                             aex_settlement *settlement_out,
+                             aex_error **err);
 
 // New default options: durability "full", no ledger key, a 15-minute reservation TTL, no
 // models, the system clock. Never NULL.

@@ -524,3 +524,95 @@ pub unsafe extern "C" fn aex_admission_free(a: *mut aex_admission) {
     }
 }
 
+
+/// Called with each streamed SSE `data` payload (`len` bytes, not NUL-terminated) on the thread
+/// that called `aex_kernel_stream`. Return `true` to continue, `false` to stop the stream (it is
+/// then settled from the counted output).
+pub type aex_chunk_callback = Option<unsafe extern "C" fn(userdata: *mut std::ffi::c_void, data: *const c_char, len: usize) -> bool>;
+
+fn provider_call(endpoint: *const c_char, request_json: *const c_char, passthrough_key: *const c_char) -> Result<aex_core::dispatch::ProviderCall, Error> {
+    let endpoint = aex_core::dispatch::Endpoint::parse(arg_str(endpoint, "endpoint")?)?;
+    let body: serde_json::Value =
+        serde_json::from_str(arg_str(request_json, "request_json")?).map_err(|e| Error::invalid("request_json", e.to_string()))?;
+    if !body.is_object() {
+        return Err(Error::invalid("request_json", "must be a JSON object"));
+    }
+    let mut call = aex_core::dispatch::ProviderCall::new(endpoint, body);
+    call.passthrough_key = opt_str(passthrough_key, "passthrough_key")?.map(str::to_string);
+    Ok(call)
+}
+
+/// Makes one governed provider call: admits `request_json` (an OpenAI-style body for
+/// `endpoint`: "chat", "responses" or "embeddings"), sends it to the model's provider, settles
+/// from the usage, and writes the provider's response JSON, unchanged, to `*response_json` (free
+/// with `aex_string_free`). `passthrough_key` (may be NULL) is the agent's own provider key; it
+/// is never recorded. `settlement_out` (may be NULL) receives the settlement. Blocks the calling
+/// thread on the kernel's own runtime; thread-safe.
+///
+/// # Safety
+/// `k` live; `token`, `endpoint`, `request_json` NUL-terminated strings; `passthrough_key` NULL
+/// or one; `response_json` writable; `settlement_out` NULL or writable; `err` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn aex_kernel_call(
+    k: *const aex_kernel,
+    token: *const c_char,
+    endpoint: *const c_char,
+    request_json: *const c_char,
+    passthrough_key: *const c_char,
+    response_json: *mut *mut c_char,
+    settlement_out: *mut aex_settlement,
+    err: *mut *mut aex_error,
+) -> aex_status {
+    guard(err, || {
+        let token = arg_str(token, "token")?;
+        let call = provider_call(endpoint, request_json, passthrough_key)?;
+        out_ptr(response_json, "response_json")?;
+        let reply = with_kernel(k, |k| k.call_provider_blocking(token, call))?;
+        put(response_json, give_string(&reply.response.to_string()));
+        if !settlement_out.is_null() {
+            put(settlement_out, aex_settlement::from(&reply.settlement));
+        }
+        Ok(())
+    })
+}
+
+struct Userdata(*mut std::ffi::c_void);
+// SAFETY: the pointer is only handed back to the caller's callback, on the caller's thread.
+unsafe impl Send for Userdata {}
+
+/// As `aex_kernel_call` for a streaming request: the body is sent with `"stream": true` (and
+/// `stream_options.include_usage` for chat), and `callback` receives each SSE `data` payload as
+/// it arrives. Returns when the stream ends, is stopped by the callback, or fails; the call is
+/// settled in every case (from the counted output, marked estimated, when usage is missing).
+///
+/// # Safety
+/// As `aex_kernel_call`; `callback` must be a valid function; `userdata` is passed to it as is.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn aex_kernel_stream(
+    k: *const aex_kernel,
+    token: *const c_char,
+    endpoint: *const c_char,
+    request_json: *const c_char,
+    passthrough_key: *const c_char,
+    callback: aex_chunk_callback,
+    userdata: *mut std::ffi::c_void,
+    settlement_out: *mut aex_settlement,
+    err: *mut *mut aex_error,
+) -> aex_status {
+    guard(err, || {
+        let token = arg_str(token, "token")?;
+        let call = provider_call(endpoint, request_json, passthrough_key)?;
+        let callback = callback.ok_or_else(|| Error::invalid("callback", "must not be NULL"))?;
+        let userdata = Userdata(userdata);
+        let mut on_chunk = move |data: &str| {
+            let u = &userdata;
+            // SAFETY: the caller promises a valid callback; `data` lives for the call.
+            unsafe { callback(u.0, data.as_ptr().cast(), data.len()) }
+        };
+        let reply = with_kernel(k, |k| k.stream_provider_blocking(token, call, &mut on_chunk))?;
+        if !settlement_out.is_null() {
+            put(settlement_out, aex_settlement::from(&reply.settlement));
+        }
+        Ok(())
+    })
+}

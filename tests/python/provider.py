@@ -90,3 +90,15 @@ class Provider(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+if __name__ == "__main__":
+    # For the C tests: serve until killed, after printing the base URL on one line.
+    import sys
+
+    server = Provider()
+    print(server.url, flush=True)
+    try:
+        server.thread.join()
+    except KeyboardInterrupt:
+        sys.exit(0)
