@@ -421,6 +421,55 @@ impl Kernel_ {
         self.kernel.now_ms()
     }
 
+    /// One governed provider call: `body` is the OpenAI-style request JSON for `endpoint`
+    /// ("chat", "responses", "embeddings"); returns the provider's response JSON, unchanged.
+    #[pyo3(signature = (token, endpoint, body, *, passthrough_key=None, execution_id=None))]
+    fn call_provider(
+        &self,
+        py: Python<'_>,
+        token: &str,
+        endpoint: &str,
+        body: &str,
+        passthrough_key: Option<String>,
+        execution_id: Option<String>,
+    ) -> PyResult<String> {
+        let call = provider_call(py, endpoint, body, passthrough_key, execution_id)?;
+        detach(py, || self.kernel.call_provider_blocking(token, call)).map(|r| r.response.to_string())
+    }
+
+    /// A streaming governed call: `on_chunk(data)` receives each SSE payload (a JSON string)
+    /// and returns False to stop. Returns the settlement.
+    #[pyo3(signature = (token, endpoint, body, on_chunk, *, passthrough_key=None, execution_id=None))]
+    fn stream_provider(
+        &self,
+        py: Python<'_>,
+        token: &str,
+        endpoint: &str,
+        body: &str,
+        on_chunk: Py<PyAny>,
+        passthrough_key: Option<String>,
+        execution_id: Option<String>,
+    ) -> PyResult<PySettlement> {
+        let call = provider_call(py, endpoint, body, passthrough_key, execution_id)?;
+        let mut callback_error: Option<PyErr> = None;
+        let result = py.detach(|| {
+            let mut on_data = |data: &str| {
+                Python::attach(|py| match on_chunk.call1(py, (data,)).and_then(|r| r.is_truthy(py)) {
+                    Ok(go_on) => go_on,
+                    Err(e) => {
+                        callback_error = Some(e);
+                        false
+                    }
+                })
+            };
+            self.kernel.stream_provider_blocking(token, call, &mut on_data)
+        });
+        if let Some(e) = callback_error {
+            return Err(e);
+        }
+        result.map(|r| PySettlement::from(r.settlement)).map_err(|e| err(py, &e))
+    }
+
     /// For benchmarks: `n` admit + commit calls made from Rust on this kernel, with the GIL
     /// released; returns the seconds they took. The same work as the Python calls, without Python.
     fn _bench_native(&self, py: Python<'_>, token: &str, model: &str, n: usize) -> PyResult<f64> {
@@ -434,6 +483,21 @@ impl Kernel_ {
             Ok(start.elapsed().as_secs_f64())
         })
     }
+}
+
+fn provider_call(
+    py: Python<'_>,
+    endpoint: &str,
+    body: &str,
+    passthrough_key: Option<String>,
+    execution_id: Option<String>,
+) -> PyResult<aex_core::dispatch::ProviderCall> {
+    let endpoint = aex_core::dispatch::Endpoint::parse(endpoint).map_err(|e| err(py, &e))?;
+    let body: serde_json::Value = serde_json::from_str(body).map_err(|e| invalid(py, "body", e.to_string()))?;
+    let mut call = aex_core::dispatch::ProviderCall::new(endpoint, body);
+    call.passthrough_key = passthrough_key;
+    call.execution_id = execution_id;
+    Ok(call)
 }
 
 fn hex_encode(bytes: &[u8]) -> String {

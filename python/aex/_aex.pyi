@@ -1,7 +1,7 @@
 """Type stubs of the native module ``aex._aex`` (checked against the build by mypy's stubtest)."""
 
 from decimal import Decimal
-from typing import Any, Optional, Union, final
+from typing import Any, Callable, Optional, Union, final
 
 from typing_extensions import disjoint_base
 
@@ -138,6 +138,19 @@ class Kernel:
     def config_hash(self) -> str: ...
     def models(self) -> dict[str, Any]: ...
     def now_ms(self) -> int: ...
+    def call_provider(
+        self, token: str, endpoint: str, body: str, *, passthrough_key: Optional[str] = None, execution_id: Optional[str] = None
+    ) -> str: ...
+    def stream_provider(
+        self,
+        token: str,
+        endpoint: str,
+        body: str,
+        on_chunk: Callable[[str], bool],
+        *,
+        passthrough_key: Optional[str] = None,
+        execution_id: Optional[str] = None,
+    ) -> Settlement: ...
     def _bench_native(self, token: str, model: str, n: int) -> float: ...
 
 def check_config(path: str) -> dict[str, Any]: ...

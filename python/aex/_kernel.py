@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Optional, Union, cast
@@ -82,6 +87,90 @@ class Kernel(_aex.Kernel):
             input_tokens, output_tokens, cached_input_tokens = usage_tokens(usage)
         # A missing count reaches the kernel as None and is refused there with InvalidRequest.
         return self.commit_tokens(execution_id, cast(int, input_tokens), cast(int, output_tokens), cached_input_tokens)
+
+    # ---- governed provider calls (aex sends the request) ------------------------------------
+
+    def chat(self, token: str, *, passthrough_key: Optional[str] = None, execution_id: Optional[str] = None, **body: Any) -> dict[str, Any]:
+        """One governed chat completion: ``body`` is the OpenAI request (``model``, ``messages``,
+        ``max_tokens``, ...). aex admits it, sends it to the model's provider (with the reserved
+        ``max_tokens`` when none is given), settles from the usage, and returns the provider's
+        response as a dict. ``passthrough_key`` is the agent's own provider key (never recorded)."""
+        return self._call("chat", token, body, passthrough_key, execution_id)
+
+    def responses(self, token: str, *, passthrough_key: Optional[str] = None, execution_id: Optional[str] = None, **body: Any) -> dict[str, Any]:
+        """As :meth:`chat`, for the Responses API."""
+        return self._call("responses", token, body, passthrough_key, execution_id)
+
+    def embeddings(self, token: str, *, passthrough_key: Optional[str] = None, execution_id: Optional[str] = None, **body: Any) -> dict[str, Any]:
+        """As :meth:`chat`, for embeddings."""
+        return self._call("embeddings", token, body, passthrough_key, execution_id)
+
+    def _call(self, endpoint: str, token: str, body: dict[str, Any], key: Optional[str], execution_id: Optional[str]) -> dict[str, Any]:
+        raw = self.call_provider(token, endpoint, json.dumps(body), passthrough_key=key, execution_id=execution_id)
+        result: dict[str, Any] = json.loads(raw)
+        return result
+
+    def chat_stream(self, token: str, *, passthrough_key: Optional[str] = None, execution_id: Optional[str] = None, **body: Any) -> Iterator[dict[str, Any]]:
+        """A governed streaming chat completion: yields the provider's chunks as dicts as they
+        arrive. Closing the iterator early stops the stream; the call is settled either way (from
+        the usage chunk, or from the counted output, marked estimated)."""
+        body["stream"] = True
+        return self._stream("chat", token, body, passthrough_key, execution_id)
+
+    def _stream(self, endpoint: str, token: str, body: dict[str, Any], key: Optional[str], execution_id: Optional[str]) -> Iterator[dict[str, Any]]:
+        items: "queue.Queue[Any]" = queue.Queue()
+        stop = threading.Event()
+        end = object()
+        outcome: dict[str, BaseException] = {}
+
+        def on_chunk(data: str) -> bool:
+            items.put(data)
+            return not stop.is_set()
+
+        def run() -> None:
+            try:
+                self.stream_provider(token, endpoint, json.dumps(body), on_chunk, passthrough_key=key, execution_id=execution_id)
+            except BaseException as e:  # handed to the consumer
+                outcome["error"] = e
+            finally:
+                items.put(end)
+
+        worker = threading.Thread(target=run, name="aex-stream", daemon=True)
+        worker.start()
+        try:
+            while (item := items.get()) is not end:
+                yield json.loads(item)
+            if "error" in outcome:
+                raise outcome["error"]
+        finally:
+            stop.set()
+            worker.join()
+
+    async def achat(self, token: str, **kwargs: Any) -> dict[str, Any]:
+        """The async twin of :meth:`chat` (the blocking call runs in a worker thread)."""
+        return await asyncio.to_thread(self.chat, token, **kwargs)
+
+    async def achat_stream(self, token: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        """The async twin of :meth:`chat_stream`."""
+        loop = asyncio.get_running_loop()
+        items: "asyncio.Queue[Any]" = asyncio.Queue()
+        end = object()
+
+        def pump() -> None:
+            try:
+                for chunk in self.chat_stream(token, **kwargs):
+                    loop.call_soon_threadsafe(items.put_nowait, chunk)
+            except BaseException as e:
+                loop.call_soon_threadsafe(items.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(items.put_nowait, end)
+
+        worker = loop.run_in_executor(None, pump)
+        while (item := await items.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        await worker
 
     def guard(self, token: str, model: str, **request: Any) -> "Guard":
         """A context manager around one call: admits on enter (a denial raises before the body
