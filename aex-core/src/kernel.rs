@@ -654,6 +654,20 @@ impl Kernel {
     /// recorded in the ledger, nothing reserved); [`Error::Conflict`] for a reused execution id
     /// with a different request.
     pub fn admit(&self, token: &str, request: &AdmitRequest) -> Result<Admission> {
+        self.admit_then(token, request, false)
+    }
+
+    /// Admits and marks dispatched in one transaction, for callers about to send the request
+    /// right away (the dispatcher): the same ledger events as [`Kernel::admit`] followed by
+    /// [`Kernel::mark_dispatched`], one transaction fewer.
+    ///
+    /// # Errors
+    /// As [`Kernel::admit`].
+    pub fn admit_dispatched(&self, token: &str, request: &AdmitRequest) -> Result<Admission> {
+        self.admit_then(token, request, true)
+    }
+
+    fn admit_then(&self, token: &str, request: &AdmitRequest, dispatch: bool) -> Result<Admission> {
         request.validate()?;
         let execution_id = match &request.execution_id {
             Some(id) => id.clone(),
@@ -666,7 +680,17 @@ impl Kernel {
             now: self.now(),
             reservation_ttl_ms: self.inner.reservation_ttl_ms,
         };
-        self.write(|tx| admission::admit(tx, &cx, token, request, &execution_id))
+        let hasher = &self.inner.hasher;
+        self.write(|tx| {
+            let admitted = admission::admit(tx, &cx, token, request, &execution_id)?;
+            match admitted {
+                Ok(a) if dispatch && !a.replayed => {
+                    let e = settlement::mark_dispatched(tx, hasher, &a.execution_id, cx.now)??;
+                    Ok(Ok(Admission { state: e.state, ..a }))
+                }
+                other => Ok(other),
+            }
+        })
     }
 
     /// Records that the call was handed to the provider. From then on an expired reservation is

@@ -156,7 +156,7 @@ async fn attempt<'c>(
 ) -> std::result::Result<ProviderReply, Failure> {
     let route = route(kernel, model, call.endpoint, call.passthrough_key.as_deref()).map_err(Failure::Final)?;
     let request = admit_request(call.endpoint, body, id, call.passthrough_key.is_some()).map_err(Failure::Final)?;
-    let admission = kernel.admit(token, &request).map_err(Failure::Final)?;
+    let admission = kernel.admit_dispatched(token, &request).map_err(Failure::Final)?;
     // Admission succeeds only for configured models, which always have a route.
     let route = route.ok_or_else(|| Failure::Final(Error::Internal(format!("model '{model}' admitted without a route"))))?;
     let stream = on_chunk.is_some();
@@ -179,7 +179,6 @@ async fn attempt<'c>(
         }
     }
 
-    kernel.mark_dispatched(id).map_err(Failure::Final)?;
     let state = kernel.dispatch_state();
     let client = state.client().map_err(Failure::Final)?;
     let mut req = client.post(&route.url).json(&body).timeout(state.options.request_timeout);
