@@ -524,6 +524,18 @@ aex_status aex_options_set_reservation_ttl_ms(aex_options *opts, int64_t ttl_ms,
 // `opts` must be a live `aex_options`; `err` NULL or writable.
 aex_status aex_options_set_manual_clock(aex_options *opts, int64_t start_ms, aex_error **err);
 
+// Sets the timeouts and retries of governed provider calls (`aex_kernel_call` /
+// `aex_kernel_stream`): connection timeout and request timeout in ms (> 0), and retries of a
+// retryable failure before falling back (0 to 10).
+//
+// # Safety
+// `opts` must be a live `aex_options`; `err` NULL or writable.
+aex_status aex_options_set_dispatch(aex_options *opts,
+                                    int64_t connect_timeout_ms,
+                                    int64_t request_timeout_ms,
+                                    uint32_t max_retries,
+                                    aex_error **err);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

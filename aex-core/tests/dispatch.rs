@@ -294,3 +294,26 @@ fn the_blocking_api_and_concurrent_streams_racing_one_budget() {
     assert_clean(&k);
     drop(rt);
 }
+
+#[tokio::test]
+async fn an_unreachable_provider_returns_every_reservation() {
+    let (a, b) = servers().await;
+    // Nothing listens on the discard port of 127.0.0.1: every connection is refused.
+    let yaml = "providers:\n  gone: {base_url: \"http://127.0.0.1:9/v1\"}\nmodels:\n  lost: {provider: gone, input_price: 1, output_price: 1}\n";
+    let options = KernelOptions {
+        config: Config::from_yaml(yaml).unwrap(),
+        dispatch: DispatchOptions { max_retries: 2, retry_base_delay: Duration::from_millis(1), ..Default::default() },
+        ..Default::default()
+    };
+    let k = Kernel::open_in_memory(options).unwrap();
+    let token = k.create_agent(&AgentSpec::new("atlas", 1_000_000)).unwrap().token;
+    let e = k.call_provider(token.expose(), chat("lost")).await.unwrap_err();
+    assert_eq!(e.status(), 503, "{e}");
+    assert!(e.to_string().contains("every attempt failed (3)"), "{e}");
+    let failed = kinds(&k).iter().filter(|k| *k == "execution.failed").count();
+    assert_eq!(failed, 3);
+    let agent = k.agent("atlas").unwrap();
+    assert_eq!((agent.spent_micro, agent.reserved_micro), (0, 0));
+    assert_clean(&k);
+    drop((a, b));
+}

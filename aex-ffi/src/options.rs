@@ -127,3 +127,40 @@ pub unsafe extern "C" fn aex_options_set_manual_clock(opts: *mut aex_options, st
         Ok(())
     })
 }
+
+/// Sets the timeouts and retries of governed provider calls (`aex_kernel_call` /
+/// `aex_kernel_stream`): connection timeout and request timeout in ms (> 0), and retries of a
+/// retryable failure before falling back (0 to 10).
+///
+/// # Safety
+/// `opts` must be a live `aex_options`; `err` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn aex_options_set_dispatch(
+    opts: *mut aex_options,
+    connect_timeout_ms: i64,
+    request_timeout_ms: i64,
+    max_retries: u32,
+    err: *mut *mut aex_error,
+) -> aex_status {
+    guard(err, || {
+        let d = dispatch_options(connect_timeout_ms, request_timeout_ms, max_retries)?;
+        opts_mut(opts)?.options.dispatch = d;
+        Ok(())
+    })
+}
+
+/// Validated dispatch options.
+pub(crate) fn dispatch_options(connect_timeout_ms: i64, request_timeout_ms: i64, max_retries: u32) -> Result<aex_core::dispatch::DispatchOptions, Error> {
+    let ms = |field: &str, v: i64| {
+        u64::try_from(v).ok().filter(|v| *v > 0).map(std::time::Duration::from_millis).ok_or_else(|| Error::invalid(field, "must be a positive number of milliseconds"))
+    };
+    if max_retries > 10 {
+        return Err(Error::invalid("max_retries", "must be at most 10"));
+    }
+    Ok(aex_core::dispatch::DispatchOptions {
+        connect_timeout: ms("connect_timeout_ms", connect_timeout_ms)?,
+        request_timeout: ms("request_timeout_ms", request_timeout_ms)?,
+        max_retries,
+        ..Default::default()
+    })
+}

@@ -131,7 +131,7 @@ dict_like!(PySettlement, [execution_id, agent, state, reserved_micro, cost_micro
 #[pymethods]
 impl Kernel_ {
     #[new]
-    #[pyo3(signature = (path, *, config=None, config_yaml=None, durability="full", ledger_key=None, reservation_ttl_ms=None, manual_clock_ms=None))]
+    #[pyo3(signature = (path, *, config=None, config_yaml=None, durability="full", ledger_key=None, reservation_ttl_ms=None, manual_clock_ms=None, connect_timeout_ms=10_000, request_timeout_ms=600_000, max_retries=2))]
     fn new(
         py: Python<'_>,
         path: &str,
@@ -141,6 +141,9 @@ impl Kernel_ {
         ledger_key: Option<Vec<u8>>,
         reservation_ttl_ms: Option<i64>,
         manual_clock_ms: Option<i64>,
+        connect_timeout_ms: u64,
+        request_timeout_ms: u64,
+        max_retries: u32,
     ) -> PyResult<Self> {
         let mut options = KernelOptions::default();
         options.store = StoreOptions { durability: Durability::parse(durability).map_err(|e| err(py, &e))?, ..StoreOptions::default() };
@@ -151,6 +154,15 @@ impl Kernel_ {
             (None, None) => Config::default(),
         };
         options.ledger_key = ledger_key;
+        if connect_timeout_ms == 0 || request_timeout_ms == 0 || max_retries > 10 {
+            return Err(invalid(py, "timeouts", "timeouts must be positive and max_retries at most 10"));
+        }
+        options.dispatch = aex_core::dispatch::DispatchOptions {
+            connect_timeout: std::time::Duration::from_millis(connect_timeout_ms),
+            request_timeout: std::time::Duration::from_millis(request_timeout_ms),
+            max_retries,
+            ..Default::default()
+        };
         if let Some(ttl) = reservation_ttl_ms {
             options.reservation_ttl_ms = ttl;
         }

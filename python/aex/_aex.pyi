@@ -74,6 +74,9 @@ class Kernel:
         ledger_key: Optional[bytes] = None,
         reservation_ttl_ms: Optional[int] = None,
         manual_clock_ms: Optional[int] = None,
+        connect_timeout_ms: int = 10000,
+        request_timeout_ms: int = 600000,
+        max_retries: int = 2,
     ) -> "Kernel": ...
     def advance_clock(self, ms: int) -> None: ...
     def create_agent(

@@ -45,6 +45,9 @@ int main(int argc, char **argv) {
            argv[1]);
   aex_options *opts = aex_options_new();
   CHECK_STATUS(aex_options_set_config_yaml(opts, yaml, NULL), AEX_OK);
+  CHECK_STATUS(aex_options_set_dispatch(opts, 2000, 10000, 0, NULL), AEX_OK);
+  CHECK_STATUS(aex_options_set_dispatch(opts, 0, 10000, 0, NULL), AEX_INVALID_REQUEST);
+  CHECK_STATUS(aex_options_set_dispatch(opts, 1, 1, 11, NULL), AEX_INVALID_REQUEST);
   aex_kernel *k = NULL;
   CHECK_STATUS(aex_kernel_open(":memory:", opts, &k, NULL), AEX_OK);
   aex_options_free(opts);

@@ -35,7 +35,7 @@ models:
   fail-429: {{provider: primary, input_price: 1, output_price: 1}}
   embed: {{provider: secondary, input_price: 0.02, output_price: 0}}
 """
-    return aex.Kernel(str(tmp_path / "aex.db"), config_yaml=yaml, durability="normal")
+    return aex.Kernel(str(tmp_path / "aex.db"), config_yaml=yaml, durability="normal", connect_timeout_ms=2000, request_timeout_ms=10_000)
 
 
 def test_chat_with_the_host_key_and_with_a_passthrough_key(kernel, providers):
@@ -128,3 +128,10 @@ def test_concurrent_streams_race_one_budget(kernel):
     a = kernel.agent("atlas")
     assert a["reserved_micro"] == 0 and a["spent_micro"] == 19 * len(done) <= a["budget_micro"]
     assert_clean(kernel)
+
+
+def test_timeouts_are_validated(tmp_path):
+    with pytest.raises(aex.InvalidRequest):
+        aex.Kernel(":memory:", request_timeout_ms=0)
+    with pytest.raises(aex.InvalidRequest):
+        aex.Kernel(":memory:", max_retries=11)
