@@ -91,6 +91,18 @@ fn child_lines(child: &mut std::process::Child) -> impl Iterator<Item = String> 
         .filter_map(|l| l.find(MARK).map(|at| l[at + MARK.len()..].to_string()))
 }
 
+/// Waits for racing children and adds up the calls each reports having admitted.
+fn admitted_by(children: Vec<std::process::Child>) -> i64 {
+    let mut total = 0;
+    for mut c in children {
+        let counts: Vec<i64> = child_lines(&mut c).map(|l| l.parse().unwrap()).collect();
+        assert_eq!(counts.len(), 1, "a child did not report");
+        total += counts[0];
+        assert!(c.wait().unwrap().success());
+    }
+    total
+}
+
 /// The body of one racing process, started by `four_processes_admit_exactly_k_calls`.
 #[test]
 #[ignore = "the body of a child process: its parent test runs it"]
@@ -110,15 +122,8 @@ fn four_processes_admit_exactly_k_calls() {
     let k = file_kernel(&db);
     let token = agent(&k, "atlas", K * PER_CALL);
     let db_text = db.to_str().unwrap();
-    let mut children: Vec<_> =
-        (0..4).map(|_| spawn_child("child_racer", &[("AEX_TEST_DB", db_text), ("AEX_TEST_TOKEN", &token)])).collect();
-    let mut total = 0;
-    for c in &mut children {
-        let counts: Vec<i64> = child_lines(c).map(|l| l.parse().unwrap()).collect();
-        assert_eq!(counts.len(), 1, "a child did not report");
-        total += counts[0];
-        assert!(c.wait().unwrap().success());
-    }
+    let children = (0..4).map(|_| spawn_child("child_racer", &[("AEX_TEST_DB", db_text), ("AEX_TEST_TOKEN", &token)])).collect();
+    let total = admitted_by(children);
     assert_eq!(total, K);
     let a = k.agent("atlas").unwrap();
     assert_eq!((a.spent_micro, a.reserved_micro), (K * PER_CALL, 0));
@@ -140,19 +145,13 @@ fn four_processes_share_a_team_budget_exactly() {
         })
         .collect();
     let db_text = db.to_str().unwrap();
-    let mut children: Vec<_> = (0..4)
+    let children = (0..4)
         .map(|i| {
             let (name, token) = &agents[i % 2];
             spawn_child("child_racer", &[("AEX_TEST_DB", db_text), ("AEX_TEST_TOKEN", token), ("AEX_TEST_AGENT", name)])
         })
         .collect();
-    let mut total = 0;
-    for c in &mut children {
-        let counts: Vec<i64> = child_lines(c).map(|l| l.parse().unwrap()).collect();
-        assert_eq!(counts.len(), 1, "a child did not report");
-        total += counts[0];
-        assert!(c.wait().unwrap().success());
-    }
+    let total = admitted_by(children);
     assert_eq!(total, K);
     let team = k.team("org").unwrap();
     assert_eq!((team.spent_micro, team.reserved_micro), (K * PER_CALL, 0));

@@ -372,11 +372,24 @@ pub unsafe extern "C" fn aex_kernel_commit(k: *const aex_kernel, execution_id: *
 /// NULL or writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn aex_kernel_release(k: *const aex_kernel, execution_id: *const c_char, reason: *const c_char, out: *mut aex_settlement, err: *mut *mut aex_error) -> aex_status {
+    give_back(k, execution_id, reason, "reason", out, err, Kernel::release)
+}
+
+/// Release and fail: both give the reservation back and record a text.
+fn give_back(
+    k: *const aex_kernel,
+    execution_id: *const c_char,
+    text: *const c_char,
+    text_name: &str,
+    out: *mut aex_settlement,
+    err: *mut *mut aex_error,
+    settle: fn(&Kernel, &str, &str) -> aex_core::Result<Settlement>,
+) -> aex_status {
     guard(err, || {
         let id = arg_str(execution_id, "execution_id")?;
-        let reason = opt_str(reason, "reason")?.unwrap_or("");
+        let text = opt_str(text, text_name)?.unwrap_or("");
         out_ptr(out, "out")?;
-        let s = with_kernel(k, |k| k.release(id, reason))?;
+        let s = with_kernel(k, |k| settle(k, id, text))?;
         put(out, aex_settlement::from(&s));
         Ok(())
     })
@@ -388,14 +401,7 @@ pub unsafe extern "C" fn aex_kernel_release(k: *const aex_kernel, execution_id: 
 /// As `aex_kernel_release`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn aex_kernel_fail(k: *const aex_kernel, execution_id: *const c_char, error: *const c_char, out: *mut aex_settlement, err: *mut *mut aex_error) -> aex_status {
-    guard(err, || {
-        let id = arg_str(execution_id, "execution_id")?;
-        let error = opt_str(error, "error")?.unwrap_or("");
-        out_ptr(out, "out")?;
-        let s = with_kernel(k, |k| k.fail(id, error))?;
-        put(out, aex_settlement::from(&s));
-        Ok(())
-    })
+    give_back(k, execution_id, error, "error", out, err, Kernel::fail)
 }
 
 /// Verifies the ledger and counters and writes the report as JSON to `*json_out` (`"clean":
