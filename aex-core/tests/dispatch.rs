@@ -317,3 +317,17 @@ async fn an_unreachable_provider_returns_every_reservation() {
     assert_clean(&k);
     drop((a, b));
 }
+
+#[tokio::test]
+async fn an_execution_id_is_never_sent_twice() {
+    let (a, b) = servers().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(chat_reply("m"))).expect(1).mount(&a).await;
+    let k = kernel(&a, &b, Duration::from_secs(5));
+    let token = k.create_agent(&AgentSpec::new("atlas", 1_000_000)).unwrap().token;
+    let call = ProviderCall { execution_id: Some("once".into()), ..chat("solo") };
+    k.call_provider(token.expose(), call.clone()).await.unwrap();
+    let e = k.call_provider(token.expose(), call).await.unwrap_err();
+    assert_eq!((e.status(), e.reason()), (409, "idempotency_conflict"));
+    assert_eq!(k.agent("atlas").unwrap().spent_micro, 120);
+    assert_clean(&k);
+}

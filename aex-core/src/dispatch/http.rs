@@ -157,6 +157,13 @@ async fn attempt<'c>(
     let route = route(kernel, model, call.endpoint, call.passthrough_key.as_deref()).map_err(Failure::Final)?;
     let request = admit_request(call.endpoint, body, id, call.passthrough_key.is_some()).map_err(Failure::Final)?;
     let admission = kernel.admit_dispatched(token, &request).map_err(Failure::Final)?;
+    if admission.replayed {
+        // The same execution id was admitted before: it was sent then, and is never sent twice.
+        return Err(Failure::Final(Error::Conflict {
+            reason: crate::error::ConflictReason::IdempotencyConflict,
+            message: format!("execution '{id}' was already sent (it is {}); aex never sends an execution twice", admission.state.as_str()),
+        }));
+    }
     // Admission succeeds only for configured models, which always have a route.
     let route = route.ok_or_else(|| Failure::Final(Error::Internal(format!("model '{model}' admitted without a route"))))?;
     let stream = on_chunk.is_some();

@@ -25,7 +25,8 @@
 //! Retryable failures (connection errors, 5xx, timeouts) are retried up to `max_retries` times
 //! with jittered exponential backoff, then the model's `fallbacks` are tried in order. Every
 //! attempt is its own execution (`ID`, `ID.retry1`, `ID.fallback1`, ...), so each is a complete
-//! story in the ledger. Once a stream has delivered a chunk it is never retried.
+//! story in the ledger. Once a stream has delivered a chunk it is never retried, and an execution
+//! id that was admitted before is never sent again (`Conflict`, `idempotency_conflict`).
 
 mod http;
 mod sse;
