@@ -218,3 +218,35 @@ impl NowForTest for SystemClock {
         aex_core::Clock::now_ms(self)
     }
 }
+
+/// The body of a process that tries an agent's old token after another process rotated it.
+#[test]
+#[ignore = "the body of a child process: its parent test runs it"]
+fn child_old_token() {
+    let db = std::env::var("AEX_TEST_DB").expect("run by rotation_revokes_across_processes");
+    let token = std::env::var("AEX_TEST_TOKEN").expect("run by rotation_revokes_across_processes");
+    let k = file_kernel(Path::new(&db));
+    let outcome = match k.admit(&token, &req()) {
+        Ok(_) => "admitted".to_string(),
+        Err(e) => e.reason().to_string(),
+    };
+    println!("{MARK}{outcome}");
+}
+
+#[test]
+fn rotation_revokes_across_processes_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("aex.db");
+    let k = file_kernel(&db);
+    let old = agent(&k, "atlas", 1_000_000);
+    let ask = |token: &str| {
+        let mut c = spawn_child("child_old_token", &[("AEX_TEST_DB", db.to_str().unwrap()), ("AEX_TEST_TOKEN", token)]);
+        let lines: Vec<String> = child_lines(&mut c).collect();
+        assert!(c.wait().unwrap().success());
+        lines.concat()
+    };
+    assert_eq!(ask(&old), "admitted");
+    let new = k.rotate_token("atlas", None).unwrap();
+    assert_eq!(ask(&old), "unknown_token", "another process refuses the old token right after the rotation");
+    assert_eq!(ask(new.expose()), "admitted");
+}
