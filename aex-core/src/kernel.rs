@@ -720,9 +720,6 @@ impl Kernel {
     /// # Errors
     /// As [`Kernel::commit`].
     pub fn commit_estimated(&self, execution_id: &str, usage: Usage) -> Result<Settlement> {
-        usage.validate()?;
-        let execution = self.execution(execution_id)?;
-        let usage = Usage { input_tokens: usage.input_tokens.max(execution.input_tokens), ..usage };
         self.settle(execution_id, Terminal::Commit(usage, true))
     }
 

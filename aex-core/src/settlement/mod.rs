@@ -207,6 +207,11 @@ pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Term
         Err(err @ Error::NotFound { .. }) => return Ok(Err(err)),
         Err(err) => return Err(err),
     };
+    // An estimate never charges less input than admission counted.
+    let call = match call {
+        Terminal::Commit(u, true) => Terminal::Commit(Usage { input_tokens: u.input_tokens.max(e.input_tokens), ..u }, true),
+        other => other,
+    };
     let asked = match call {
         Terminal::Commit(..) => "commit",
         Terminal::Release(_) => "release",
