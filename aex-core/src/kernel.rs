@@ -218,7 +218,7 @@ impl Kernel {
         Ok(())
     }
 
-    fn write<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<Result<T>>) -> Result<T> {
+    fn write<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<Result<T>> + Send) -> Result<T> {
         self.check_process()?;
         let mut out = None;
         self.inner.store.write(&mut |tx| {
@@ -357,7 +357,7 @@ impl Kernel {
         })
     }
 
-    fn change_budget(&self, name: &str, new_budget: impl Fn(i64) -> Result<i64>) -> Result<Agent> {
+    fn change_budget(&self, name: &str, new_budget: impl Fn(i64) -> Result<i64> + Sync) -> Result<Agent> {
         let hasher = &self.inner.hasher;
         let now = self.now();
         self.write(|tx| {

@@ -10,7 +10,7 @@
 
 mod sqlite;
 
-pub use sqlite::{Durability, SqliteStore, StoreOptions};
+pub use sqlite::{DEFAULT_MAX_BATCH, Durability, SqliteStore, StoreOptions, WriteStats};
 
 use crate::agent::Agent;
 use crate::auth::TokenHash;
@@ -23,12 +23,15 @@ use crate::team::Team;
 /// A transactional store. Implementations are shared between threads.
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Runs `f` in an exclusive write transaction: committed if `f` returns `Ok`, rolled back
-    /// (leaving no trace) if it returns `Err`.
+    /// (leaving no trace) if it returns `Err` or panics (the panic then resumes in the caller).
+    /// Returns only once the change is committed. An implementation may run `f` on another
+    /// thread, and run several callers' closures in one transaction (group commit), provided
+    /// each sees the changes of those before it and a failing one leaves no trace.
     ///
     /// # Errors
-    /// [`crate::Error::Unavailable`] when the store stays busy past its timeout or I/O fails;
-    /// whatever `f` returns.
-    fn write(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()>;
+    /// [`crate::Error::Unavailable`] when the store stays busy past its timeout, I/O fails, or
+    /// the commit fails; whatever `f` returns.
+    fn write(&self, f: &mut (dyn FnMut(&mut dyn Tx) -> Result<()> + Send)) -> Result<()>;
 
     /// Runs `f` over one consistent snapshot; it must not write.
     ///

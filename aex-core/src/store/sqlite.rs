@@ -8,15 +8,28 @@
 //! `busy_timeout` still protect against writers that do not take the side lock, such as the
 //! `sqlite3` shell. The side lock is held only for the length of one short transaction.
 //!
+//! **Group commit.** Concurrent writers of one process share one SQLite transaction, so one
+//! commit (and, under `full`, one fsync) serves many of them. A writer queues its closure and,
+//! if the connection is free, becomes the leader: it takes every queued closure (up to
+//! `max_batch`), runs each inside a savepoint of one transaction, commits, and hands each writer
+//! its own result. A closure that fails is rolled back to its savepoint and leaves no trace; the
+//! others are unaffected. Every writer returns only after the commit that holds its change is
+//! done (durable as its `durability` says), and gets `Unavailable` if that commit failed. Each
+//! closure sees the changes of the ones before it, exactly as if their transactions had committed
+//! one after another. A lone writer runs in a transaction of its own, as before.
+//!
 //! Nothing read is cached between transactions: another process's change, or a hand edit in the
 //! `sqlite3` shell, governs the very next operation.
 
 use std::fs::File;
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use parking_lot::{Condvar, Mutex};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{Store, Tx};
 use crate::agent::{Agent, Capabilities};
@@ -73,11 +86,17 @@ pub struct StoreOptions {
     pub durability: Durability,
     /// How long a transaction waits for SQLite's lock before failing with `Unavailable`.
     pub busy_timeout: Duration,
+    /// The most writers one shared transaction may serve (group commit); `1` gives every write
+    /// a transaction of its own. Values below 1 count as 1.
+    pub max_batch: usize,
 }
+
+/// The default [`StoreOptions::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 64;
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { durability: Durability::Full, busy_timeout: Duration::from_secs(10) }
+        StoreOptions { durability: Durability::Full, busy_timeout: Duration::from_secs(10), max_batch: DEFAULT_MAX_BATCH }
     }
 }
 
@@ -186,9 +205,102 @@ CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// Writes waiting for a leader to run them.
+    queue: Mutex<Vec<Job>>,
+    max_batch: usize,
+    stats: Mutex<WriteStats>,
     /// The cross-process write lock; `None` for an in-memory database.
     lock: Option<File>,
     path: Option<PathBuf>,
+}
+
+/// How many writes a store has run, in how many transactions: the group-commit ratio.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Write closures run (committed or not).
+    pub writes: u64,
+    /// Write transactions they ran in.
+    pub transactions: u64,
+    /// The most closures one transaction held.
+    pub largest_batch: u64,
+}
+
+impl WriteStats {
+    fn record(&mut self, batch: usize) {
+        self.writes += batch as u64;
+        self.transactions += 1;
+        self.largest_batch = self.largest_batch.max(batch as u64);
+    }
+}
+
+/// A write closure, with its borrows' lifetime erased so that the leader's thread may run it.
+type WriteFn<'a> = dyn FnMut(&mut dyn Tx) -> Result<()> + Send + 'a;
+
+/// One queued write: its closure and where its result goes.
+struct Job {
+    /// Points into the stack of the writer that queued it, which does not return (nor touch the
+    /// closure) until `done` holds its result; the leader does not touch it after that.
+    f: *mut WriteFn<'static>,
+    done: Arc<Slot>,
+}
+
+// SAFETY: the closure is `Send`, and the pointer is dereferenced by one thread at a time: the
+// leader that took the job from the queue, while its writer waits on `done`.
+unsafe impl Send for Job {}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
+}
+
+/// A writer's mailbox: its result once a leader has run and committed (or failed) its closure,
+/// or a nudge to try to lead.
+#[derive(Debug, Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    signal: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    result: Option<std::result::Result<Result<()>, Panic>>,
+    nudged: bool,
+}
+
+/// A panic caught in a closure, carried back to the writer's own thread.
+struct Panic(Box<dyn Any + Send>);
+
+impl std::fmt::Debug for Panic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Panic")
+    }
+}
+
+impl Slot {
+    fn finish(&self, result: std::result::Result<Result<()>, Panic>) {
+        self.state.lock().result = Some(result);
+        self.signal.notify_one();
+    }
+
+    fn nudge(&self) {
+        self.state.lock().nudged = true;
+        self.signal.notify_one();
+    }
+
+    /// Waits for the result, or `None` when nudged to try to lead.
+    fn wait(&self) -> Option<std::result::Result<Result<()>, Panic>> {
+        let mut state = self.state.lock();
+        loop {
+            if let Some(result) = state.result.take() {
+                return Some(result);
+            }
+            if std::mem::take(&mut state.nudged) {
+                return None;
+            }
+            self.signal.wait(&mut state);
+        }
+    }
 }
 
 impl SqliteStore {
@@ -210,7 +322,7 @@ impl SqliteStore {
         conn.busy_timeout(options.busy_timeout)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", options.durability.pragma())?;
-        let store = SqliteStore { conn: Mutex::new(conn), lock: Some(lock), path: Some(path.to_path_buf()) };
+        let store = SqliteStore::new(conn, Some(lock), Some(path.to_path_buf()), options.max_batch);
         store.migrate()?;
         Ok(store)
     }
@@ -220,10 +332,25 @@ impl SqliteStore {
     /// # Errors
     /// [`Error::Unavailable`] if SQLite cannot allocate it.
     pub fn open_in_memory() -> Result<SqliteStore> {
-        let conn = Connection::open_in_memory()?;
-        let store = SqliteStore { conn: Mutex::new(conn), lock: None, path: None };
+        let store = SqliteStore::new(Connection::open_in_memory()?, None, None, DEFAULT_MAX_BATCH);
         store.migrate()?;
         Ok(store)
+    }
+
+    fn new(conn: Connection, lock: Option<File>, path: Option<PathBuf>, max_batch: usize) -> SqliteStore {
+        SqliteStore {
+            conn: Mutex::new(conn),
+            queue: Mutex::new(Vec::new()),
+            max_batch: max_batch.max(1),
+            stats: Mutex::new(WriteStats::default()),
+            lock,
+            path,
+        }
+    }
+
+    /// Writes and write transactions so far, in this process.
+    pub fn write_stats(&self) -> WriteStats {
+        *self.stats.lock()
     }
 
     /// The database file, if any.
@@ -232,8 +359,11 @@ impl SqliteStore {
     }
 
     fn migrate(&self) -> Result<()> {
-        self.transact(true, |tx| {
-            let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let conn = self.conn.lock();
+        let _side = SideLock::take(self.lock.as_ref())?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let migrated = (|| {
+            let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
             let known = MIGRATIONS.len() as i64;
             if version > known {
                 return Err(Error::Unavailable(format!(
@@ -241,25 +371,116 @@ impl SqliteStore {
                 )));
             }
             for sql in &MIGRATIONS[version as usize..] {
-                tx.execute_batch(sql)?;
+                conn.execute_batch(sql)?;
             }
-            tx.pragma_update(None, "user_version", known)?;
-            Ok(())
-        })
+            conn.pragma_update(None, "user_version", known)?;
+            Ok(conn.execute_batch("COMMIT")?)
+        })();
+        if migrated.is_err() && !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        migrated
     }
 
-    /// Runs `f` in a transaction: `BEGIN IMMEDIATE` under the side lock when `write`, a deferred
-    /// (snapshot) transaction otherwise. Commits on `Ok`; dropping the transaction on `Err` or
-    /// unwind rolls it back.
-    fn transact<T>(&self, write: bool, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.conn.lock();
-        let _side = if write { Some(SideLock::take(self.lock.as_ref())?) } else { None };
-        let behavior = if write { TransactionBehavior::Immediate } else { TransactionBehavior::Deferred };
-        let tx = conn.transaction_with_behavior(behavior)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+    /// Queues `f` and returns once a leader (this thread, or another writer's) has run it and
+    /// committed its changes, or rolled them back on `Err`, a panic or a failed commit.
+    fn write_queued(&self, f: &mut WriteFn<'_>) -> Result<()> {
+        // SAFETY: only the lifetime is erased; see `Job::f`.
+        let f: *mut WriteFn<'static> = unsafe { std::mem::transmute::<&mut WriteFn<'_>, &mut WriteFn<'static>>(f) };
+        let done = Arc::new(Slot::default());
+        self.queue.lock().push(Job { f, done: done.clone() });
+        loop {
+            if let Some(conn) = self.conn.try_lock() {
+                self.lead(&conn);
+                drop(conn);
+                self.hand_over();
+            }
+            let ready = done.state.lock().result.is_some();
+            if ready || self.conn.is_locked() {
+                if let Some(result) = done.wait() {
+                    return result.unwrap_or_else(|panic| resume_unwind(panic.0));
+                }
+            }
+        }
     }
+
+    /// After releasing the connection: writers that queued while it was held need a leader, so
+    /// the oldest is nudged to become one.
+    fn hand_over(&self) {
+        if let Some(next) = self.queue.lock().first() {
+            next.done.nudge();
+        }
+    }
+
+    /// Runs one batch of queued writes in one transaction and hands out the results.
+    fn lead(&self, conn: &Connection) {
+        let jobs: Vec<Job> = {
+            let mut queue = self.queue.lock();
+            let n = queue.len().min(self.max_batch);
+            queue.drain(..n).collect()
+        };
+        if jobs.is_empty() {
+            return;
+        }
+        let side = match SideLock::take(self.lock.as_ref()) {
+            Ok(side) => side,
+            Err(e) => return jobs.iter().for_each(|j| j.done.finish(Ok(Err(e.clone())))),
+        };
+        if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
+            return jobs.iter().for_each(|j| j.done.finish(Ok(Err(e.clone()))));
+        }
+        let alone = jobs.len() == 1;
+        self.stats.lock().record(jobs.len());
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            results.push(self.run_member(conn, job, alone));
+        }
+        let committed = if conn.is_autocommit() {
+            Err(Error::Unavailable("the store rolled the transaction back".into()))
+        } else if alone && !matches!(results[0], Ok(Ok(()))) {
+            run(conn, "ROLLBACK")
+        } else {
+            run(conn, "COMMIT")
+        };
+        if committed.is_err() && !conn.is_autocommit() {
+            let _ = run(conn, "ROLLBACK");
+        }
+        drop(side);
+        for (job, result) in jobs.iter().zip(results) {
+            let result = match (&committed, result) {
+                (Err(e), Ok(Ok(()))) => Ok(Err(Error::Unavailable(format!("the transaction was rolled back: {e}")))),
+                (_, result) => result,
+            };
+            job.done.finish(result);
+        }
+    }
+
+    /// Runs one queued closure: inside a savepoint unless it is `alone` in its transaction.
+    fn run_member(&self, conn: &Connection, job: &Job, alone: bool) -> std::result::Result<Result<()>, Panic> {
+        if conn.is_autocommit() {
+            // An earlier member's failure made SQLite roll back the whole transaction.
+            return Ok(Err(Error::Unavailable("the store rolled the transaction back".into())));
+        }
+        if !alone && let Err(e) = run(conn, "SAVEPOINT member") {
+            return Ok(Err(e));
+        }
+        // SAFETY: see `Job::f`; its writer is blocked on `job.done` until `finish`.
+        let f = unsafe { &mut *job.f };
+        let result = catch_unwind(AssertUnwindSafe(|| f(&mut SqliteTx(conn)))).map_err(Panic);
+        if !alone && !conn.is_autocommit() {
+            let kept = matches!(result, Ok(Ok(())));
+            if let Err(e) = (if kept { Ok(()) } else { run(conn, "ROLLBACK TO member") }).and_then(|()| run(conn, "RELEASE member")) {
+                return Ok(Err(e));
+            }
+        }
+        result
+    }
+}
+
+/// Runs one transaction-control statement, prepared once per connection.
+fn run(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
 }
 
 /// Holds the cross-process lock for one write transaction.
@@ -284,16 +505,22 @@ impl Drop for SideLock<'_> {
 }
 
 impl Store for SqliteStore {
-    fn write(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
-        self.transact(true, |tx| f(&mut SqliteTx(tx)))
+    fn write(&self, f: &mut WriteFn<'_>) -> Result<()> {
+        self.write_queued(f)
     }
 
     fn read(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
-        self.transact(false, |tx| f(&mut SqliteTx(tx)))
+        let conn = self.conn.lock();
+        conn.execute_batch("BEGIN DEFERRED")?;
+        let result = catch_unwind(AssertUnwindSafe(|| f(&mut SqliteTx(&conn))));
+        let _ = conn.execute_batch("ROLLBACK");
+        drop(conn);
+        self.hand_over();
+        result.unwrap_or_else(|panic| resume_unwind(panic))
     }
 }
 
-struct SqliteTx<'t, 'c>(&'t Transaction<'c>);
+struct SqliteTx<'c>(&'c Connection);
 
 /// `SELECT <agent columns> FROM agents <rest>`, as a literal so statement lookup costs no
 /// formatting.
@@ -437,7 +664,7 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
 }
 
-impl Tx for SqliteTx<'_, '_> {
+impl Tx for SqliteTx<'_> {
     fn agent_by_token(&mut self, token: &TokenHash) -> Result<Option<Agent>> {
         let sql = select_agents!("WHERE token_hash = ?1");
         Ok(self.0.prepare_cached(sql)?.query_row([&token.0[..]], agent_from_row).optional()?)

@@ -1,0 +1,147 @@
+//! Group commit in the SQLite store: concurrent writers share transactions, yet each one's
+//! result, failure and panic stay its own, and no increment is lost.
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use aex_core::store::{SqliteStore, Store, StoreOptions, Tx};
+use aex_core::{Durability, Error, Result};
+
+fn store(dir: &tempfile::TempDir, max_batch: usize) -> Arc<SqliteStore> {
+    let options = StoreOptions { durability: Durability::Full, max_batch, ..StoreOptions::default() };
+    Arc::new(SqliteStore::open(&dir.path().join("g.db"), options).unwrap())
+}
+
+fn meta(store: &SqliteStore, key: &str) -> Option<String> {
+    let mut out = None;
+    store.read(&mut |tx| {
+        out = tx.meta(key)?;
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+fn increment(tx: &mut dyn Tx) -> Result<()> {
+    let n: u64 = tx.meta("counter")?.map_or(0, |v| v.parse().unwrap());
+    tx.set_meta("counter", &(n + 1).to_string())
+}
+
+#[test]
+fn concurrent_increments_are_serial_and_share_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir, 64);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            let store = &store;
+            s.spawn(move || {
+                for _ in 0..100 {
+                    store.write(&mut increment).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(meta(&store, "counter").as_deref(), Some("800"));
+    let stats = store.write_stats();
+    // The migration ran outside the queue; every increment is counted once.
+    assert_eq!(stats.writes, 800);
+    assert!(stats.transactions < stats.writes, "no transaction was shared: {stats:?}");
+
+    // Reopened from the file, the count is the same: every write was committed.
+    drop(store);
+    let again = self::store(&dir, 64);
+    assert_eq!(meta(&again, "counter").as_deref(), Some("800"));
+}
+
+/// Holds the leader's role for a while so that the writers started meanwhile queue up and run
+/// as one batch, in whatever order they queued.
+fn batch_behind_a_slow_writer(store: &SqliteStore, writers: Vec<Box<dyn FnOnce() + Send + '_>>) {
+    let started = Barrier::new(2);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            store
+                .write(&mut |tx| {
+                    started.wait();
+                    std::thread::sleep(Duration::from_millis(300));
+                    tx.set_meta("slow", "done")
+                })
+                .unwrap();
+        });
+        started.wait();
+        for w in writers {
+            s.spawn(w);
+        }
+    });
+}
+
+#[test]
+fn a_failing_writer_in_a_shared_transaction_leaves_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir, 64);
+    let before = store.write_stats();
+    let writers: Vec<Box<dyn FnOnce() + Send + '_>> = (0..6)
+        .map(|i| {
+            let store = &store;
+            Box::new(move || {
+                let result = store.write(&mut |tx| {
+                    tx.set_meta(&format!("key{i}"), "written")?;
+                    if i % 2 == 1 { Err(Error::invalid("key", "odd writers fail after writing")) } else { Ok(()) }
+                });
+                match result {
+                    Ok(()) => assert_eq!(i % 2, 0),
+                    Err(e) => assert!(i % 2 == 1 && e.to_string().contains("odd writers fail"), "{e}"),
+                }
+            }) as Box<dyn FnOnce() + Send + '_>
+        })
+        .collect();
+    batch_behind_a_slow_writer(&store, writers);
+    for i in 0..6 {
+        let expected = (i % 2 == 0).then(|| "written".to_string());
+        assert_eq!(meta(&store, &format!("key{i}")), expected, "key{i}");
+    }
+    assert_eq!(meta(&store, "slow").as_deref(), Some("done"));
+    let stats = store.write_stats();
+    assert_eq!(stats.writes - before.writes, 7);
+    assert!(stats.largest_batch >= 2, "the queued writers did not share a transaction: {stats:?}");
+}
+
+#[test]
+fn a_panicking_writer_gets_its_panic_and_the_others_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir, 64);
+    let writers: Vec<Box<dyn FnOnce() + Send + '_>> = vec![
+        Box::new(|| {
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                store.write(&mut |tx| {
+                    tx.set_meta("panicked", "written")?;
+                    panic!("a bug in a writer");
+                })
+            }));
+            let payload = caught.expect_err("the panic reaches its own writer");
+            assert_eq!(payload.downcast_ref::<&str>(), Some(&"a bug in a writer"));
+        }),
+        Box::new(|| store.write(&mut |tx| tx.set_meta("kept", "written")).unwrap()),
+        Box::new(|| store.write(&mut increment).unwrap()),
+    ];
+    batch_behind_a_slow_writer(&store, writers);
+    assert_eq!(meta(&store, "panicked"), None);
+    assert_eq!(meta(&store, "kept").as_deref(), Some("written"));
+    assert_eq!(meta(&store, "counter").as_deref(), Some("1"));
+    // The store still works afterwards.
+    store.write(&mut increment).unwrap();
+    assert_eq!(meta(&store, "counter").as_deref(), Some("2"));
+}
+
+#[test]
+fn max_batch_one_gives_every_write_its_own_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir, 1);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| (0..50).for_each(|_| store.write(&mut increment).unwrap()));
+        }
+    });
+    assert_eq!(meta(&store, "counter").as_deref(), Some("200"));
+    let stats = store.write_stats();
+    assert_eq!((stats.writes, stats.transactions, stats.largest_batch), (200, 200, 1));
+}
