@@ -396,10 +396,10 @@ impl SqliteStore {
                 self.hand_over();
             }
             let ready = done.state.lock().result.is_some();
-            if ready || self.conn.is_locked() {
-                if let Some(result) = done.wait() {
-                    return result.unwrap_or_else(|panic| resume_unwind(panic.0));
-                }
+            if (ready || self.conn.is_locked())
+                && let Some(result) = done.wait()
+            {
+                return result.unwrap_or_else(|panic| resume_unwind(panic.0));
             }
         }
     }
