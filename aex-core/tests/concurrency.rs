@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -69,26 +67,6 @@ fn eight_threads_admit_exactly_k_calls() {
     let a = k.agent("atlas").unwrap();
     assert_eq!((a.spent_micro, a.reserved_micro), (K * PER_CALL, 0));
     assert_clean(&k);
-}
-
-/// Marks what a child process reports, among libtest's own output (which may share the line).
-const MARK: &str = "AEX-CHILD ";
-
-/// Re-runs this test binary as a child executing only `test_name`, with `env` set.
-fn spawn_child(test_name: &str, env: &[(&str, &str)]) -> std::process::Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", test_name, "--ignored", "--nocapture", "--test-threads=1"]).stdout(Stdio::piped()).stderr(Stdio::inherit());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn().unwrap()
-}
-
-fn child_lines(child: &mut std::process::Child) -> impl Iterator<Item = String> + '_ {
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|l| l.find(MARK).map(|at| l[at + MARK.len()..].to_string()))
 }
 
 /// Waits for racing children and adds up the calls each reports having admitted.

@@ -45,7 +45,7 @@ macro_rules! event_kinds {
 
 event_kinds! {
     AgentCreated => "agent.created", "An agent was created; `amount` is its budget.";
-    BudgetSet => "agent.budget_set", "An agent's budget changed; `amount` is the change, `data.budget_micro` the new budget.";
+    BudgetSet => "agent.budget_set", "An agent's budget changed; `amount` is the new budget, `data.previous_micro` the old one.";
     AgentDisabled => "agent.disabled", "An agent was disabled.";
     AgentEnabled => "agent.enabled", "An agent was enabled.";
     AgentDeleted => "agent.deleted", "An agent was deleted (its open reservations were released first).";

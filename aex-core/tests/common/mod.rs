@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use aex_core::{
@@ -64,4 +66,24 @@ pub fn snapshot(k: &Kernel) -> Snapshot {
 pub fn assert_clean(k: &Kernel) {
     let report = k.audit(None).unwrap();
     assert!(report.is_clean(), "audit failed: {:?}", report.failure);
+}
+
+/// Marks what a child process reports, among libtest's own output (which may share the line).
+pub const MARK: &str = "AEX-CHILD ";
+
+/// Re-runs this test binary as a child executing only `test_name`, with `env` set.
+pub fn spawn_child(test_name: &str, env: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test_name, "--ignored", "--nocapture", "--test-threads=1"]).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+pub fn child_lines(child: &mut std::process::Child) -> impl Iterator<Item = String> + '_ {
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| l.find(MARK).map(|at| l[at + MARK.len()..].to_string()))
 }

@@ -1,0 +1,266 @@
+//! Chaos and soak: worker processes run a mixed workload on one database file while the test
+//! SIGKILLs random workers and restarts them. At the end the ledger shows no budget over its
+//! limit at any instant, every reservation is settled or expired by the rules, the replay equals
+//! the live counters, and the audit is clean.
+//!
+//! `cargo test -p aex-core --release --test chaos` runs it for `AEX_CHAOS_SECONDS` (default 20);
+//! set it to 600 or more for a soak.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Child;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aex_core::{
+    AdmitRequest, AgentSpec, Config, Durability, Error, Kernel, KernelOptions, ModelSpec, Prices, StoreOptions, SystemClock,
+    TeamSpec, Usage,
+};
+use common::{MODEL, config, spawn_child};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+const WORKERS: usize = 4;
+const TTL_MS: i64 = 1_500;
+const TEAM: &str = "pool";
+const SHARED: &str = "shared";
+
+fn options(config: Config) -> KernelOptions {
+    KernelOptions {
+        config,
+        reservation_ttl_ms: TTL_MS,
+        store: StoreOptions { durability: Durability::Normal, ..StoreOptions::default() },
+        clock: Arc::new(SystemClock),
+        ..KernelOptions::default()
+    }
+}
+
+/// The same model at twice the price: reloading between the two changes what new admissions
+/// reserve, never what open ones hold.
+fn dearer_config() -> Config {
+    Config::new().with_model(MODEL, ModelSpec::priced(Prices::from_usd("0.30", "1.20").unwrap(), 1_000)).unwrap()
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is set by the chaos test"))
+}
+
+/// One worker's life, until the stop file appears or it is killed.
+#[test]
+#[ignore = "the body of a child process: its parent test runs it"]
+fn child_chaos_worker() {
+    let (db, name, shared, stop) = (env("AEX_CHAOS_DB"), env("AEX_CHAOS_AGENT"), env("AEX_CHAOS_SHARED"), env("AEX_CHAOS_STOP"));
+    let k = Kernel::open(&db, options(config())).unwrap();
+    let mut rng = StdRng::seed_from_u64(u64::from(std::process::id()) ^ SystemClock.now());
+    // A restarted worker does not know its agent's token: it rotates a new one, as an operator would.
+    let mut own = k.rotate_token(&name, None).unwrap().expose().to_string();
+    let mut dear = false;
+    while !Path::new(&stop).exists() {
+        match rng.random_range(0..100) {
+            0..4 => own = k.rotate_token(&name, None).unwrap().expose().to_string(),
+            4..7 => {
+                dear = !dear;
+                k.reload_config(if dear { dearer_config() } else { config() }).unwrap();
+            }
+            7..9 => drop(k.add_budget(&name, 1_000).unwrap()),
+            _ => {
+                let token = if rng.random_bool(0.5) { &own } else { &shared };
+                call(&k, token, &mut rng);
+            }
+        }
+    }
+}
+
+/// Admits one call and settles it one of the ways a real agent would, or abandons it.
+fn call(k: &Kernel, token: &str, rng: &mut StdRng) {
+    let req = AdmitRequest::new(MODEL).input_tokens(rng.random_range(1..=2_000)).max_output_tokens(rng.random_range(1..=1_000));
+    let a = match k.admit(token, &req) {
+        Ok(a) => a,
+        Err(Error::InsufficientBudget { .. }) => return,
+        Err(e) => panic!("admission failed unexpectedly: {e}"),
+    };
+    // Real usage never exceeds the reservation here, so a budget can only be exceeded by a bug.
+    let usage = Usage::new(rng.random_range(0..=a.input_tokens), rng.random_range(0..=a.max_output_tokens));
+    let id = &a.execution_id;
+    let settled = match rng.random_range(0..100) {
+        0..40 => k.commit(id, usage).map(drop),
+        40..55 => k.release(id, "not needed").map(drop),
+        55..70 => k.fail(id, "provider error").map(drop),
+        70..80 => k.mark_dispatched(id).and_then(|_| k.commit(id, usage)).map(drop),
+        80..85 => k.mark_dispatched(id).map(drop), // sent, then the agent vanished: charged in full at expiry
+        _ => Ok(()),                                 // never sent: released at expiry
+    };
+    match settled {
+        // A worker starved past the TTL finds its execution expired: the rules settled it.
+        Ok(()) | Err(Error::Conflict { .. }) => {}
+        Err(e) => panic!("settlement failed unexpectedly: {e}"),
+    }
+}
+
+trait Now {
+    fn now(&self) -> u64;
+}
+
+impl Now for SystemClock {
+    fn now(&self) -> u64 {
+        aex_core::Clock::now_ms(self).unsigned_abs()
+    }
+}
+
+fn spawn_worker(db: &Path, agent: &str, shared: &str, stop: &Path) -> Child {
+    let (db, stop) = (db.to_str().unwrap(), stop.to_str().unwrap());
+    spawn_child("child_chaos_worker", &[("AEX_CHAOS_DB", db), ("AEX_CHAOS_AGENT", agent), ("AEX_CHAOS_SHARED", shared), ("AEX_CHAOS_STOP", stop)])
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Books {
+    budget: i64,
+    spent: i64,
+    reserved: i64,
+}
+
+struct Open {
+    agent: String,
+    teams: Vec<String>,
+    reserved: i64,
+}
+
+/// Walks the whole ledger, keeping every agent's and team's books, and checks after each event
+/// that none holds more (spent plus reserved) than its budget. Returns the final books and the
+/// executions still open.
+fn walk_ledger(k: &Kernel) -> (HashMap<String, Books>, HashMap<String, Books>, HashMap<String, Open>, u64) {
+    let (mut agents, mut teams) = (HashMap::<String, Books>::new(), HashMap::<String, Books>::new());
+    let mut open = HashMap::<String, Open>::new();
+    let mut reservations = 0;
+    let mut denials = std::collections::BTreeMap::new();
+    let mut from = 1;
+    loop {
+        let events = k.events(from, 10_000).unwrap();
+        let Some(last) = events.last() else { break };
+        from = last.seq + 1;
+        for e in events {
+            let data: serde_json::Value = serde_json::from_str(&e.data).unwrap();
+            let agent = e.agent.clone().unwrap_or_default();
+            let mut touched_teams: Vec<String> = Vec::new();
+            match e.kind.as_str() {
+                "agent.created" => drop(agents.insert(agent.clone(), Books { budget: e.amount_micro, ..Books::default() })),
+                "agent.budget_set" => agents.get_mut(&agent).unwrap().budget = e.amount_micro,
+                "team.created" => {
+                    let team = data["team"].as_str().unwrap().to_string();
+                    teams.insert(team, Books { budget: e.amount_micro, ..Books::default() });
+                }
+                "team.budget_set" => teams.get_mut(data["team"].as_str().unwrap()).unwrap().budget = e.amount_micro,
+                "execution.reserved" => {
+                    reservations += 1;
+                    let ts: Vec<String> = data["teams"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+                    agents.get_mut(&agent).unwrap().reserved += e.amount_micro;
+                    for t in &ts {
+                        teams.get_mut(t).unwrap().reserved += e.amount_micro;
+                    }
+                    touched_teams.clone_from(&ts);
+                    let id = e.execution_id.clone().unwrap();
+                    open.insert(id, Open { agent: agent.clone(), teams: ts, reserved: e.amount_micro });
+                }
+                "execution.committed" | "execution.released" | "execution.failed" | "execution.expired" => {
+                    let x = open.remove(e.execution_id.as_deref().unwrap()).expect("one terminal event per reservation");
+                    assert_eq!(x.agent, agent);
+                    let charged = if matches!(e.kind.as_str(), "execution.committed" | "execution.expired") { e.amount_micro } else { 0 };
+                    assert!(charged <= x.reserved, "seq {}: charged {charged} beyond the reservation {}", e.seq, x.reserved);
+                    for books in std::iter::once(agents.get_mut(&agent).unwrap()) {
+                        books.reserved -= x.reserved;
+                        books.spent += charged;
+                    }
+                    for t in &x.teams {
+                        let books = teams.get_mut(t).unwrap();
+                        books.reserved -= x.reserved;
+                        books.spent += charged;
+                    }
+                    touched_teams = x.teams;
+                }
+                "admission.denied" => {
+                    *denials.entry(data["reason"].as_str().unwrap_or("?").to_string()).or_insert(0u64) += 1;
+                }
+                "execution.overrun" => panic!("seq {}: an overrun, though no usage exceeded its reservation", e.seq),
+                _ => {}
+            }
+            if let Some(b) = agents.get(&agent) {
+                assert!(b.spent + b.reserved <= b.budget, "seq {}: agent '{agent}' over budget: {b:?}", e.seq);
+            }
+            for t in &touched_teams {
+                let b = teams[t];
+                assert!(b.spent + b.reserved <= b.budget, "seq {}: team '{t}' over budget: {b:?}", e.seq);
+            }
+        }
+    }
+    for reason in ["budget_exceeded", "team_budget_exceeded"] {
+        assert!(denials.get(reason).is_some_and(|&n| n > 0), "the run never reached a {reason} boundary: {denials:?}");
+    }
+    eprintln!("denials: {denials:?}");
+    (agents, teams, open, reservations)
+}
+
+#[test]
+fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
+    let seconds: u64 = std::env::var("AEX_CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("chaos.db");
+    let stop = dir.path().join("stop");
+    let names: Vec<String> = (0..WORKERS).map(|i| format!("worker{i}")).collect();
+    let shared = {
+        let k = Kernel::open(&db, options(config())).unwrap();
+        k.create_team(&TeamSpec { name: TEAM.into(), budget_micro: 2_000_000, parent: None }).unwrap();
+        for name in &names {
+            let mut spec = AgentSpec::new(name, 60_000);
+            spec.team = Some(TEAM.into());
+            k.create_agent(&spec).unwrap();
+        }
+        let mut spec = AgentSpec::new(SHARED, 50_000_000);
+        spec.team = Some(TEAM.into());
+        k.create_agent(&spec).unwrap().token.expose().to_string()
+    };
+
+    let mut workers: Vec<Child> = names.iter().map(|n| spawn_worker(&db, n, &shared, &stop)).collect();
+    // The test tops up the team as it goes (it alone changes the team's budget), so the run
+    // keeps meeting the team's limit and the agents' without spending it for good.
+    let admin = Kernel::open(&db, options(config())).unwrap();
+    let mut rng = StdRng::seed_from_u64(SystemClock.now());
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut kills = 0;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..400)));
+        let i = rng.random_range(0..WORKERS);
+        if let Some(status) = workers[i].try_wait().unwrap() {
+            panic!("worker {i} ended on its own: {status}");
+        }
+        workers[i].kill().unwrap(); // SIGKILL, wherever it is: mid-transaction, mid-fsync, idle
+        workers[i].wait().unwrap();
+        kills += 1;
+        workers[i] = spawn_worker(&db, &names[i], &shared, &stop);
+        let team = admin.team(TEAM).unwrap();
+        admin.set_team_budget(TEAM, team.budget_micro + 10_000).unwrap();
+    }
+    drop(admin);
+    std::fs::write(&stop, b"").unwrap();
+    for (i, mut w) in workers.into_iter().enumerate() {
+        let status = w.wait().unwrap();
+        assert!(status.success(), "worker {i} failed: {status}");
+    }
+    assert!(kills >= 10, "only {kills} kills");
+
+    // Every abandoned reservation is past its TTL now; opening reconciles them.
+    std::thread::sleep(Duration::from_millis(TTL_MS as u64 + 100));
+    let k = Kernel::open(&db, options(config())).unwrap();
+    let (agents, teams, open, reservations) = walk_ledger(&k);
+    assert!(reservations >= 200, "too little happened: {reservations} reservations");
+    assert!(open.is_empty(), "{} reservations neither settled nor expired", open.len());
+    for a in k.list_agents().unwrap() {
+        let b = agents[&a.name];
+        assert_eq!((a.budget_micro, a.spent_micro, a.reserved_micro), (b.budget, b.spent, 0), "agent {}", a.name);
+    }
+    let team = k.team(TEAM).unwrap();
+    assert_eq!((team.spent_micro, team.reserved_micro), (teams[TEAM].spent, 0));
+    let report = k.audit(None).unwrap();
+    assert!(report.is_clean(), "audit failed after {kills} kills: {:?}", report.failure);
+    eprintln!("chaos: {seconds}s, {kills} kills, {reservations} reservations, {} events, audit clean", report.events);
+}

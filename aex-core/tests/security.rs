@@ -1,0 +1,100 @@
+//! Secrets and scopes: after a workload that issues, rotates, expires and misuses tokens, no
+//! token (nor its secret part) is found in any database file, ledger event, error text, error
+//! JSON or `Debug` output; a read-only token cannot admit by any path.
+
+mod common;
+
+use aex_core::{AdmitRequest, AgentSpec, Error, Kernel, KernelOptions, Scope, Usage, wire};
+use common::*;
+
+fn req() -> AdmitRequest {
+    AdmitRequest::new(MODEL).input_tokens(100).max_output_tokens(50)
+}
+
+/// Every form a failed call's error reaches a user in: Display, Debug and the JSON the C ABI
+/// and the CLI print.
+fn error_texts(e: &Error) -> Vec<String> {
+    vec![e.to_string(), format!("{e:?}"), wire::error_json(e).to_string()]
+}
+
+#[test]
+fn no_token_reaches_files_ledger_errors_or_debug_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = aex_core::ManualClock::new(T0);
+    let options = KernelOptions { store: aex_core::StoreOptions { durability: aex_core::Durability::Normal, ..Default::default() }, ..options(&clock) };
+    let k = Kernel::open(dir.path().join("aex.db"), options.clone()).unwrap();
+    let mut secrets: Vec<String> = Vec::new();
+    let mut texts: Vec<String> = vec![format!("{k:?}"), format!("{options:?}")];
+
+    let created = k.create_agent(&AgentSpec::new("atlas", 1_000_000)).unwrap();
+    texts.push(format!("{created:?}"));
+    texts.push(format!("{}", created.token));
+    secrets.push(created.token.expose().to_string());
+    let expiring = k.create_agent(&AgentSpec { ttl_ms: Some(1_000), ..AgentSpec::new("brief", 1_000_000) }).unwrap();
+    secrets.push(expiring.token.expose().to_string());
+    let viewer = k.create_agent(&AgentSpec { scope: Scope::ReadOnly, ..AgentSpec::new("viewer", 1_000_000) }).unwrap();
+    secrets.push(viewer.token.expose().to_string());
+    let rotated = k.rotate_token("atlas", None).unwrap();
+    texts.push(format!("{rotated:?}"));
+    secrets.push(rotated.expose().to_string());
+
+    // Work with the live token; every kind of refusal with the others.
+    let a = k.admit(rotated.expose(), &req()).unwrap();
+    k.commit(&a.execution_id, Usage::new(90, 40)).unwrap();
+    clock.advance(2_000);
+    let mut errors = vec![
+        k.admit(&secrets[0], &req()).unwrap_err(),      // rotated away
+        k.admit(&secrets[1], &req()).unwrap_err(),      // expired
+        k.admit(&secrets[2], &req()).unwrap_err(),      // read-only
+        k.admit_dispatched(&secrets[2], &req()).unwrap_err(),
+    ];
+    let near_miss = format!("{}0", &rotated.expose()[..rotated.expose().len() - 1]);
+    errors.push(k.admit(&near_miss, &req()).unwrap_err());
+    secrets.push(near_miss);
+    let malformed = format!("{}!{}", &rotated.expose()[..20], &rotated.expose()[21..]);
+    errors.push(k.admit(&malformed, &req()).unwrap_err());
+    secrets.push(malformed);
+    k.set_disabled("atlas", true).unwrap();
+    errors.push(k.admit(rotated.expose(), &req()).unwrap_err());
+    k.delete_agent("brief").unwrap();
+    errors.push(k.admit(&secrets[1], &req()).unwrap_err());
+    assert_eq!(errors.iter().filter(|e| e.status() == 401).count(), 6, "{errors:?}");
+    assert_eq!(errors.iter().filter(|e| e.reason() == "scope_read_only").count(), 2, "{errors:?}");
+    texts.extend(errors.iter().flat_map(error_texts));
+    texts.extend(k.list_agents().unwrap().iter().map(|a| format!("{a:?} {}", wire::agent_json(a))));
+    for e in k.events(1, usize::MAX).unwrap() {
+        texts.push(format!("{e:?}"));
+    }
+    drop(k);
+
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            (path.display().to_string(), std::fs::read(&path).unwrap())
+        })
+        .collect();
+    assert!(files.len() >= 2, "the database and its lock file: {:?}", files.iter().map(|f| &f.0).collect::<Vec<_>>());
+    for secret in &secrets {
+        // Past the 10-character display prefix ("aex_" + 6 hex digits), which is not secret.
+        let part = &secret[10..];
+        for text in &texts {
+            assert!(!text.contains(part), "a token's secret part reached: {text}");
+        }
+        for (name, bytes) in &files {
+            assert!(!bytes.windows(part.len()).any(|w| w == part.as_bytes()), "a token's secret part reached {name}");
+        }
+    }
+}
+
+#[test]
+fn a_read_only_token_cannot_admit_and_leaves_nothing_reserved() {
+    let (k, _clock) = kernel();
+    let viewer = k.create_agent(&AgentSpec { scope: Scope::ReadOnly, ..AgentSpec::new("viewer", 1_000_000) }).unwrap();
+    for e in [k.admit(viewer.token.expose(), &req()).unwrap_err(), k.admit_dispatched(viewer.token.expose(), &req()).unwrap_err()] {
+        assert_eq!((e.status(), e.reason()), (403, "scope_read_only"));
+    }
+    let a = k.agent("viewer").unwrap();
+    assert_eq!((a.spent_micro, a.reserved_micro), (0, 0));
+    assert_clean(&k);
+}
