@@ -126,10 +126,18 @@ struct Open {
     reserved: i64,
 }
 
+/// The books as the ledger tells them.
+struct Walk {
+    agents: HashMap<String, Books>,
+    teams: HashMap<String, Books>,
+    /// Executions reserved and not (yet) settled or expired.
+    open: HashMap<String, Open>,
+    reservations: u64,
+}
+
 /// Walks the whole ledger, keeping every agent's and team's books, and checks after each event
-/// that none holds more (spent plus reserved) than its budget. Returns the final books and the
-/// executions still open.
-fn walk_ledger(k: &Kernel) -> (HashMap<String, Books>, HashMap<String, Books>, HashMap<String, Open>, u64) {
+/// that none holds more (spent plus reserved) than its budget.
+fn walk_ledger(k: &Kernel) -> Walk {
     let (mut agents, mut teams) = (HashMap::<String, Books>::new(), HashMap::<String, Books>::new());
     let mut open = HashMap::<String, Open>::new();
     let mut reservations = 0;
@@ -197,7 +205,7 @@ fn walk_ledger(k: &Kernel) -> (HashMap<String, Books>, HashMap<String, Books>, H
         assert!(denials.get(reason).is_some_and(|&n| n > 0), "the run never reached a {reason} boundary: {denials:?}");
     }
     eprintln!("denials: {denials:?}");
-    (agents, teams, open, reservations)
+    Walk { agents, teams, open, reservations }
 }
 
 #[test]
@@ -251,7 +259,7 @@ fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
     // Every abandoned reservation is past its TTL now; opening reconciles them.
     std::thread::sleep(Duration::from_millis(TTL_MS as u64 + 100));
     let k = Kernel::open(&db, options(config())).unwrap();
-    let (agents, teams, open, reservations) = walk_ledger(&k);
+    let Walk { agents, teams, open, reservations } = walk_ledger(&k);
     assert!(reservations >= 200, "too little happened: {reservations} reservations");
     assert!(open.is_empty(), "{} reservations neither settled nor expired", open.len());
     for a in k.list_agents().unwrap() {
