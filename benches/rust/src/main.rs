@@ -1,0 +1,311 @@
+//! The Rust side of `scripts/bench`: prints one JSON object per measured row on stdout.
+//!
+//! ```text
+//! aex-bench rust        admit + commit: durability x threads, processes, group commit off
+//! aex-bench dispatch    a governed provider call against a direct one, loopback server
+//! aex-bench http-hop    the reference: admit + commit as two loopback HTTP round trips
+//! aex-bench auth        unknown-token refusals: a near miss against a random guess
+//! ```
+//!
+//! Every row: `surface`, `case`, `durability`, `threads`, `processes`, `calls`, `p50_us`,
+//! `p99_us`, `ops_per_s` (settled executions, or calls, per second of wall time).
+//! `AEX_BENCH_SCALE` multiplies the call counts (default 1).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aex_core::{
+    AdmitRequest, AgentSpec, Config, Durability, Error, Kernel, KernelOptions, ModelSpec, Prices, StoreOptions, Usage,
+    money,
+};
+use serde_json::{Value, json};
+
+const MODEL: &str = "gpt-4o-mini";
+
+fn scale() -> f64 {
+    std::env::var("AEX_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0)
+}
+
+/// How many executions a row runs: fewer under `full`, where each costs an fsync.
+fn calls_for(durability: &str) -> usize {
+    let base = if durability == "full" { 1_500.0 } else { 6_000.0 };
+    (base * scale()).max(50.0) as usize
+}
+
+fn config() -> Config {
+    Config::new().with_model(MODEL, ModelSpec::priced(Prices::from_usd("0.15", "0.60").unwrap(), 16_384)).unwrap()
+}
+
+fn open(path: &Path, durability: &str, max_batch: usize) -> Kernel {
+    let store = StoreOptions { durability: Durability::parse(durability).unwrap(), max_batch, ..StoreOptions::default() };
+    Kernel::open(path, KernelOptions { config: config(), store, ..KernelOptions::default() }).unwrap()
+}
+
+/// One guarded call: admit, then commit the provider's usage. Returns its latency in µs.
+fn one_call(k: &Kernel, token: &str, req: &AdmitRequest) -> f64 {
+    let t = Instant::now();
+    let a = k.admit(token, req).unwrap();
+    k.commit(&a.execution_id, Usage::new(1_200, 180)).unwrap();
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+fn request() -> AdmitRequest {
+    AdmitRequest::new(MODEL).input_tokens(1_200).max_output_tokens(256)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row(surface: &str, case: &str, durability: &str, threads: usize, processes: usize, mut micros: Vec<f64>, wall: Duration) -> Value {
+    micros.sort_by(f64::total_cmp);
+    json!({
+        "surface": surface, "case": case, "durability": durability, "threads": threads, "processes": processes,
+        "calls": micros.len(),
+        "p50_us": (percentile(&micros, 0.5) * 10.0).round() / 10.0,
+        "p99_us": (percentile(&micros, 0.99) * 10.0).round() / 10.0,
+        "ops_per_s": (micros.len() as f64 / wall.as_secs_f64()).round(),
+    })
+}
+
+fn emit(v: &Value) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{v}").unwrap();
+    out.flush().unwrap();
+}
+
+/// `threads` threads, each with its own agent, share one kernel on a fresh file.
+fn threaded(durability: &str, threads: usize, max_batch: usize) -> (Vec<f64>, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let k = open(&dir.path().join("bench.db"), durability, max_batch);
+    let tokens: Vec<String> = (0..threads)
+        .map(|i| k.create_agent(&AgentSpec::new(format!("t{i}"), money::MAX_MICRO)).unwrap().token.expose().to_string())
+        .collect();
+    let per_thread = calls_for(durability) / threads;
+    let req = request();
+    for t in &tokens {
+        one_call(&k, t, &req); // warm the statement cache and the pages
+    }
+    let start = Instant::now();
+    let micros = std::thread::scope(|s| {
+        let handles: Vec<_> = tokens
+            .iter()
+            .map(|token| {
+                let (k, req) = (&k, &req);
+                s.spawn(move || (0..per_thread).map(|_| one_call(k, token, req)).collect::<Vec<f64>>())
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    (micros, start.elapsed())
+}
+
+fn now_us() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros()
+}
+
+/// A child process of [`processes`]: its own kernel on the shared file, started together.
+fn child(db: &str, durability: &str, calls: usize, go: &str) {
+    let k = open(Path::new(db), durability, aex_core::store::DEFAULT_MAX_BATCH);
+    let token = k.create_agent(&AgentSpec::new(format!("p{}", std::process::id()), money::MAX_MICRO)).unwrap().token;
+    let req = request();
+    one_call(&k, token.expose(), &req);
+    println!("ready");
+    while !Path::new(go).exists() {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let start = now_us();
+    let micros: Vec<f64> = (0..calls).map(|_| one_call(&k, token.expose(), &req)).collect();
+    println!("{}", json!({"start_us": start as u64, "end_us": now_us() as u64, "micros": micros}));
+}
+
+fn processes(durability: &str, n: usize) -> (Vec<f64>, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bench.db");
+    drop(open(&db, durability, 1));
+    let go = dir.path().join("go");
+    let calls = calls_for(durability) / n;
+    let mut children: Vec<_> = (0..n)
+        .map(|_| {
+            Command::new(std::env::current_exe().unwrap())
+                .args(["child", db.to_str().unwrap(), durability, &calls.to_string(), go.to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut readers: Vec<_> = children.iter_mut().map(|c| BufReader::new(c.stdout.take().unwrap()).lines()).collect();
+    for r in &mut readers {
+        assert_eq!(r.next().unwrap().unwrap(), "ready");
+    }
+    std::fs::write(&go, b"").unwrap();
+    let (mut micros, mut start, mut end) = (Vec::new(), u64::MAX, 0);
+    for r in &mut readers {
+        let v: Value = serde_json::from_str(&r.next().unwrap().unwrap()).unwrap();
+        start = start.min(v["start_us"].as_u64().unwrap());
+        end = end.max(v["end_us"].as_u64().unwrap());
+        micros.extend(v["micros"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()));
+    }
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    (micros, Duration::from_micros(end - start))
+}
+
+fn rust_rows() {
+    for durability in ["full", "normal", "memory"] {
+        for threads in [1, 2, 8] {
+            let (m, wall) = threaded(durability, threads, aex_core::store::DEFAULT_MAX_BATCH);
+            emit(&row("rust", "admit+commit", durability, threads, 1, m, wall));
+        }
+        // The same 8 threads with group commit off: every write its own transaction.
+        let (m, wall) = threaded(durability, 8, 1);
+        emit(&row("rust", "admit+commit, group commit off", durability, 8, 1, m, wall));
+    }
+    for durability in ["full", "normal"] {
+        for n in [2, 4] {
+            let (m, wall) = processes(durability, n);
+            emit(&row("rust", "admit+commit", durability, 1, n, m, wall));
+        }
+    }
+}
+
+/// A governed call against a direct reqwest call to the same loopback server, interleaved.
+fn dispatch_rows() {
+    use aex_core::dispatch::{Endpoint, ProviderCall};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let server = MockServer::start().await;
+        let reply = json!({"id": "c", "object": "chat.completion", "created": 0, "model": MODEL,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}});
+        Mock::given(wiremock::matchers::any()).respond_with(ResponseTemplate::new(200).set_body_json(&reply)).mount(&server).await;
+        let config = Config::from_yaml(&format!(
+            "providers:\n  local: {{base_url: \"{}/v1\"}}\nmodels:\n  {MODEL}: {{provider: local, input_price: 0.15, output_price: 0.60, max_output_tokens: 100}}\n",
+            server.uri()
+        ))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreOptions { durability: Durability::Normal, ..StoreOptions::default() };
+        let k = Kernel::open(dir.path().join("d.db"), KernelOptions { config, store, ..KernelOptions::default() }).unwrap();
+        let token = k.create_agent(&AgentSpec::new("bench", money::MAX_MICRO)).unwrap().token;
+        let client = reqwest::Client::new();
+        let url = format!("{}/v1/chat/completions", server.uri());
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20});
+        let calls = (1_000.0 * scale()).max(50.0) as usize;
+        let (mut direct, mut governed) = (Vec::new(), Vec::new());
+        let (mut direct_wall, mut governed_wall) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..calls {
+            let t = Instant::now();
+            let r: Value = client.post(&url).json(&body).send().await.unwrap().json().await.unwrap();
+            assert!(r.get("usage").is_some());
+            direct_wall += t.elapsed();
+            direct.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = Instant::now();
+            k.call_provider(token.expose(), ProviderCall::new(Endpoint::ChatCompletions, body.clone())).await.unwrap();
+            governed_wall += t.elapsed();
+            governed.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        emit(&row("rust", "provider call, direct (no aex)", "-", 1, 1, direct, direct_wall));
+        emit(&row("rust", "provider call, governed by aex", "normal", 1, 1, governed, governed_wall));
+    });
+}
+
+/// The reference: what admit + commit would cost if each were a round trip to a local HTTP
+/// server that does nothing but answer (so no work at all is counted on its side).
+fn http_hop_row() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let addr = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        // One request per read: small bodies on a keep-alive connection.
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                        if sock.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    });
+    let client = reqwest::Client::new();
+    let local = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (admit_url, commit_url) = (format!("http://{addr}/v1/admit"), format!("http://{addr}/v1/commit"));
+    let admit = json!({"model": MODEL, "input_tokens": 1200, "max_output_tokens": 256}).to_string();
+    let commit = json!({"execution_id": "0190f5a2-0000-7000-8000-000000000000", "input_tokens": 1200, "output_tokens": 180}).to_string();
+    let calls = (3_000.0 * scale()).max(50.0) as usize;
+    let post = |url: &str, body: &str| {
+        local.block_on(async {
+            let r = client.post(url).header("authorization", "Bearer aex_x").body(body.to_string()).send().await.unwrap();
+            assert!(r.status().is_success());
+            r.bytes().await.unwrap();
+        });
+    };
+    post(&admit_url, &admit);
+    let start = Instant::now();
+    let micros: Vec<f64> = (0..calls)
+        .map(|_| {
+            let t = Instant::now();
+            post(&admit_url, &admit);
+            post(&commit_url, &commit);
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    emit(&row("reference", "2 loopback HTTP round trips, server does nothing", "-", 1, 1, micros, start.elapsed()));
+    drop(rt);
+}
+
+/// Refusing an unknown token: one that differs from a real token in its last character against
+/// a random one. Lookup is by SHA-256 digest, so the two should take the same time.
+fn auth_rows() {
+    let k = Kernel::open_in_memory(KernelOptions { config: config(), ..KernelOptions::default() }).unwrap();
+    let real = k.create_agent(&AgentSpec::new("real", money::MAX_MICRO)).unwrap().token.expose().to_string();
+    let near = format!("{}{}", &real[..real.len() - 1], if real.ends_with('0') { '1' } else { '0' });
+    let far = format!("aex_{}", "5".repeat(real.len() - 4));
+    let req = request();
+    let calls = (5_000.0 * scale()).max(50.0) as usize;
+    let (mut near_us, mut far_us) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    for _ in 0..calls {
+        for (token, out) in [(&near, &mut near_us), (&far, &mut far_us)] {
+            let t = Instant::now();
+            assert!(matches!(k.admit(token, &req), Err(Error::Unauthenticated { .. })));
+            out.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let wall = start.elapsed() / 2;
+    emit(&row("rust", "refused token, all but the last character right", "in-memory", 1, 1, near_us, wall));
+    emit(&row("rust", "refused token, random", "in-memory", 1, 1, far_us, wall));
+}
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["rust"] => rust_rows(),
+        ["dispatch"] => dispatch_rows(),
+        ["http-hop"] => http_hop_row(),
+        ["auth"] => auth_rows(),
+        ["child", db, durability, calls, go] => child(db, durability, calls.parse().unwrap(), go),
+        _ => {
+            eprintln!("usage: aex-bench rust | dispatch | http-hop | auth");
+            std::process::exit(2);
+        }
+    }
+}
