@@ -470,6 +470,9 @@ impl SqliteStore {
         if !alone && !conn.is_autocommit() {
             let kept = matches!(result, Ok(Ok(())));
             if let Err(e) = (if kept { Ok(()) } else { run(conn, "ROLLBACK TO member") }).and_then(|()| run(conn, "RELEASE member")) {
+                // The savepoint could not be closed, so this member's changes cannot be told
+                // apart from the others': the whole transaction goes, and every member fails.
+                let _ = run(conn, "ROLLBACK");
                 return Ok(Err(e));
             }
         }
