@@ -24,7 +24,9 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 const WORKERS: usize = 4;
 const TTL_MS: i64 = 1_500;
 const TEAM: &str = "pool";
-const SHARED: &str = "shared";
+/// Two agents in the team, whose tokens every worker uses: their own budgets are ample, so the
+/// team's is the one they meet. The workers' own agents are outside the team and meet theirs.
+const SHARED: [&str; 2] = ["shared-a", "shared-b"];
 
 fn options(config: Config) -> KernelOptions {
     KernelOptions {
@@ -65,7 +67,8 @@ fn child_chaos_worker() {
             }
             7..9 => drop(k.add_budget(&name, 1_000).unwrap()),
             _ => {
-                let token = if rng.random_bool(0.5) { &own } else { &shared };
+                let shared: Vec<&str> = shared.split(' ').collect();
+                let token = if rng.random_bool(0.5) { own.as_str() } else { shared[rng.random_range(0..shared.len())] };
                 call(&k, token, &mut rng);
             }
         }
@@ -217,15 +220,19 @@ fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
     let names: Vec<String> = (0..WORKERS).map(|i| format!("worker{i}")).collect();
     let shared = {
         let k = Kernel::open(&db, options(config())).unwrap();
-        k.create_team(&TeamSpec { name: TEAM.into(), budget_micro: 2_000_000, parent: None }).unwrap();
+        k.create_team(&TeamSpec { name: TEAM.into(), budget_micro: 500_000, parent: None }).unwrap();
         for name in &names {
-            let mut spec = AgentSpec::new(name, 60_000);
-            spec.team = Some(TEAM.into());
-            k.create_agent(&spec).unwrap();
+            k.create_agent(&AgentSpec::new(name, 60_000)).unwrap();
         }
-        let mut spec = AgentSpec::new(SHARED, 50_000_000);
-        spec.team = Some(TEAM.into());
-        k.create_agent(&spec).unwrap().token.expose().to_string()
+        let tokens: Vec<String> = SHARED
+            .iter()
+            .map(|name| {
+                let mut spec = AgentSpec::new(*name, 50_000_000);
+                spec.team = Some(TEAM.into());
+                k.create_agent(&spec).unwrap().token.expose().to_string()
+            })
+            .collect();
+        tokens.join(" ")
     };
 
     let mut workers: Vec<Child> = names.iter().map(|n| spawn_worker(&db, n, &shared, &stop)).collect();
