@@ -127,6 +127,7 @@ struct Open {
     agent: String,
     teams: Vec<String>,
     reserved: i64,
+    dispatched: bool,
 }
 
 /// The books as the ledger tells them.
@@ -136,6 +137,8 @@ struct Walk {
     /// Executions reserved and not (yet) settled or expired.
     open: HashMap<String, Open>,
     reservations: u64,
+    /// Reservations expired (never sent, sent).
+    expired: [u64; 2],
 }
 
 /// Walks the whole ledger, keeping every agent's and team's books, and checks after each event
@@ -144,6 +147,7 @@ fn walk_ledger(k: &Kernel) -> Walk {
     let (mut agents, mut teams) = (HashMap::<String, Books>::new(), HashMap::<String, Books>::new());
     let mut open = HashMap::<String, Open>::new();
     let mut reservations = 0;
+    let mut expired = [0; 2];
     let mut denials = std::collections::BTreeMap::new();
     let mut from = 1;
     loop {
@@ -171,17 +175,22 @@ fn walk_ledger(k: &Kernel) -> Walk {
                     }
                     touched_teams.clone_from(&ts);
                     let id = e.execution_id.clone().unwrap();
-                    open.insert(id, Open { agent: agent.clone(), teams: ts, reserved: e.amount_micro });
+                    open.insert(id, Open { agent: agent.clone(), teams: ts, reserved: e.amount_micro, dispatched: false });
                 }
                 "execution.committed" | "execution.released" | "execution.failed" | "execution.expired" => {
                     let x = open.remove(e.execution_id.as_deref().unwrap()).expect("one terminal event per reservation");
                     assert_eq!(x.agent, agent);
                     let charged = if matches!(e.kind.as_str(), "execution.committed" | "execution.expired") { e.amount_micro } else { 0 };
                     assert!(charged <= x.reserved, "seq {}: charged {charged} beyond the reservation {}", e.seq, x.reserved);
-                    for books in std::iter::once(agents.get_mut(&agent).unwrap()) {
-                        books.reserved -= x.reserved;
-                        books.spent += charged;
+                    if e.kind == "execution.expired" {
+                        // The TTL rule: released if never sent, charged in full if sent.
+                        let rule = if x.dispatched { x.reserved } else { 0 };
+                        assert_eq!(charged, rule, "seq {}: expiry of a {}dispatched reservation", e.seq, if x.dispatched { "" } else { "never " });
+                        expired[usize::from(x.dispatched)] += 1;
                     }
+                    let books = agents.get_mut(&agent).unwrap();
+                    books.reserved -= x.reserved;
+                    books.spent += charged;
                     for t in &x.teams {
                         let books = teams.get_mut(t).unwrap();
                         books.reserved -= x.reserved;
@@ -192,6 +201,7 @@ fn walk_ledger(k: &Kernel) -> Walk {
                 "admission.denied" => {
                     *denials.entry(data["reason"].as_str().unwrap_or("?").to_string()).or_insert(0u64) += 1;
                 }
+                "execution.dispatched" => open.get_mut(e.execution_id.as_deref().unwrap()).unwrap().dispatched = true,
                 "execution.overrun" => panic!("seq {}: an overrun, though no usage exceeded its reservation", e.seq),
                 _ => {}
             }
@@ -208,7 +218,7 @@ fn walk_ledger(k: &Kernel) -> Walk {
         assert!(denials.get(reason).is_some_and(|&n| n > 0), "the run never reached a {reason} boundary: {denials:?}");
     }
     eprintln!("denials: {denials:?}");
-    Walk { agents, teams, open, reservations }
+    Walk { agents, teams, open, reservations, expired }
 }
 
 #[test]
@@ -266,8 +276,9 @@ fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
     // Every abandoned reservation is past its TTL now; opening reconciles them.
     std::thread::sleep(Duration::from_millis(TTL_MS as u64 + 100));
     let k = Kernel::open(&db, options(config())).unwrap();
-    let Walk { agents, teams, open, reservations } = walk_ledger(&k);
+    let Walk { agents, teams, open, reservations, expired } = walk_ledger(&k);
     assert!(reservations >= 200, "too little happened: {reservations} reservations");
+    assert!(expired[0] > 0 && expired[1] > 0, "abandoned reservations of both kinds expire: {expired:?}");
     assert!(open.is_empty(), "{} reservations neither settled nor expired", open.len());
     for a in k.list_agents().unwrap() {
         let b = agents[&a.name];
@@ -277,5 +288,8 @@ fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
     assert_eq!((team.spent_micro, team.reserved_micro), (teams[TEAM].spent, 0));
     let report = k.audit(None).unwrap();
     assert!(report.is_clean(), "audit failed after {kills} kills: {:?}", report.failure);
-    eprintln!("chaos: {seconds}s, {kills} kills, {reservations} reservations, {} events, audit clean", report.events);
+    eprintln!(
+        "chaos: {seconds}s, {kills} kills, {reservations} reservations ({} expired unsent, {} expired sent), {} events, audit clean",
+        expired[0], expired[1], report.events
+    );
 }
