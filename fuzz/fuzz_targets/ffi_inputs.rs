@@ -128,7 +128,7 @@ fuzz_target!(|data: &[u8]| {
         // The books stay right: nothing left reserved after every call, and the whole ledger
         // audits clean every 64th (a full audit each time would slow the run as it grows).
         static RUNS: AtomicU64 = AtomicU64::new(0);
-        if RUNS.fetch_add(1, Ordering::Relaxed) % 64 == 0 {
+        if RUNS.fetch_add(1, Ordering::Relaxed).is_multiple_of(64) {
             let mut json = null_mut();
             let mut err = null_mut();
             assert_eq!(checked(aex_kernel_audit(k, std::ptr::null(), &mut json, &mut err), err), AEX_OK);

@@ -59,7 +59,6 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-#[allow(clippy::too_many_arguments)]
 fn row(surface: &str, case: &str, durability: &str, threads: usize, processes: usize, mut micros: Vec<f64>, wall: Duration) -> Value {
     micros.sort_by(f64::total_cmp);
     json!({
