@@ -56,12 +56,14 @@ def main() -> None:
 
     print(f"{machine['cpus']} CPUs ({machine['cpu']}), {machine['os']}, {machine['rustc']}, Python {machine['python']}")
     print()
-    print("| surface | case | durability | threads | processes | p50 µs | p99 µs | executions/s |")
-    print("|---|---|---|--:|--:|--:|--:|--:|")
+    print("| surface | case | durability | threads | processes | p50 µs | p99 µs | executions/s | writes/tx |")
+    print("|---|---|---|--:|--:|--:|--:|--:|--:|")
     for r in rows:
+        batching = r.get("writes_per_transaction")
         print(
             f"| {r['surface']} | {r['case']} | {r['durability']} | {r['threads']} | {r['processes']} "
-            f"| {r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {r['ops_per_s']:,.0f} |"
+            f"| {r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {r['ops_per_s']:,.0f} "
+            f"| {'' if batching is None else f'{batching:.1f}'} |"
         )
     print()
     print(f"All rows: {results_path}")

@@ -766,6 +766,12 @@ impl Kernel {
         self.write(|tx| reconcile::expire_due(tx, &self.inner.hasher, None, now).map(Ok))
     }
 
+    /// How many write operations this kernel's store has run in this process, and in how many
+    /// transactions (fewer when group commit shares them between threads).
+    pub fn write_stats(&self) -> crate::store::WriteStats {
+        self.inner.store.write_stats()
+    }
+
     // ---- ledger -----------------------------------------------------------------------------------
 
     /// The latest event's seq and hash, or `None` for an empty ledger.

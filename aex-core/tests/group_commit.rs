@@ -145,3 +145,41 @@ fn max_batch_one_gives_every_write_its_own_transaction() {
     let stats = store.write_stats();
     assert_eq!((stats.writes, stats.transactions, stats.largest_batch), (200, 200, 1));
 }
+
+#[test]
+fn a_kernel_reports_its_writes_and_shares_transactions_between_threads() {
+    use aex_core::{AdmitRequest, AgentSpec, Kernel, KernelOptions, Usage};
+    let dir = tempfile::tempdir().unwrap();
+    let options = KernelOptions {
+        config: aex_core::Config::new()
+            .with_model("m", aex_core::ModelSpec::priced(aex_core::Prices::from_usd("1", "1").unwrap(), 100))
+            .unwrap(),
+        store: StoreOptions { durability: Durability::Full, ..StoreOptions::default() },
+        ..KernelOptions::default()
+    };
+    let k = Kernel::open(dir.path().join("k.db"), options).unwrap();
+    let tokens: Vec<String> =
+        (0..8).map(|i| k.create_agent(&AgentSpec::new(format!("a{i}"), 1_000_000_000)).unwrap().token.expose().to_string()).collect();
+    let before = k.write_stats();
+    let req = AdmitRequest::new("m").input_tokens(10).max_output_tokens(10);
+    std::thread::scope(|s| {
+        for token in &tokens {
+            let (k, req) = (&k, &req);
+            s.spawn(move || {
+                for _ in 0..25 {
+                    let a = k.admit(token, req).unwrap();
+                    k.commit(&a.execution_id, Usage::new(10, 5)).unwrap();
+                }
+            });
+        }
+    });
+    let after = k.write_stats();
+    assert_eq!(after.writes - before.writes, 8 * 25 * 2, "one write per admission and per settlement");
+    assert!(after.transactions - before.transactions < after.writes - before.writes, "no transaction was shared: {after:?}");
+    for i in 0..8 {
+        let a = k.agent(&format!("a{i}")).unwrap();
+        assert_eq!((a.spent_micro, a.reserved_micro), (25 * 15, 0));
+    }
+    let report = k.audit(None).unwrap();
+    assert!(report.is_clean(), "{:?}", report.failure);
+}

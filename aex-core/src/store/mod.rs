@@ -10,7 +10,7 @@
 
 mod sqlite;
 
-pub use sqlite::{DEFAULT_MAX_BATCH, Durability, SqliteStore, StoreOptions, WriteStats};
+pub use sqlite::{DEFAULT_MAX_BATCH, Durability, SqliteStore, StoreOptions};
 
 use crate::agent::Agent;
 use crate::auth::TokenHash;
@@ -33,11 +33,37 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// the commit fails; whatever `f` returns.
     fn write(&self, f: &mut (dyn FnMut(&mut dyn Tx) -> Result<()> + Send)) -> Result<()>;
 
+    /// How many writes this store has run in this process, in how many transactions. A store
+    /// without group commit reports one transaction per write (the default).
+    fn write_stats(&self) -> WriteStats {
+        WriteStats::default()
+    }
+
     /// Runs `f` over one consistent snapshot; it must not write.
     ///
     /// # Errors
     /// As [`Store::write`].
     fn read(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()>;
+}
+
+/// How many writes a store has run, in how many transactions: the group-commit ratio.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Write closures run (committed or not).
+    pub writes: u64,
+    /// Write transactions they ran in.
+    pub transactions: u64,
+    /// The most closures one transaction held.
+    pub largest_batch: u64,
+}
+
+impl WriteStats {
+    /// Counts one transaction that ran `batch` writes.
+    pub fn record(&mut self, batch: usize) {
+        self.writes += batch as u64;
+        self.transactions += 1;
+        self.largest_batch = self.largest_batch.max(batch as u64);
+    }
 }
 
 /// The operations the rules need inside one transaction.

@@ -31,7 +31,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Store, Tx};
+use super::{Store, Tx, WriteStats};
 use crate::agent::{Agent, Capabilities};
 use crate::budget::BudgetPeriod;
 use crate::rate::Bucket;
@@ -214,25 +214,6 @@ pub struct SqliteStore {
     path: Option<PathBuf>,
 }
 
-/// How many writes a store has run, in how many transactions: the group-commit ratio.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WriteStats {
-    /// Write closures run (committed or not).
-    pub writes: u64,
-    /// Write transactions they ran in.
-    pub transactions: u64,
-    /// The most closures one transaction held.
-    pub largest_batch: u64,
-}
-
-impl WriteStats {
-    fn record(&mut self, batch: usize) {
-        self.writes += batch as u64;
-        self.transactions += 1;
-        self.largest_batch = self.largest_batch.max(batch as u64);
-    }
-}
-
 /// A write closure, with its borrows' lifetime erased so that the leader's thread may run it.
 type WriteFn<'a> = dyn FnMut(&mut dyn Tx) -> Result<()> + Send + 'a;
 
@@ -346,11 +327,6 @@ impl SqliteStore {
             lock,
             path,
         }
-    }
-
-    /// Writes and write transactions so far, in this process.
-    pub fn write_stats(&self) -> WriteStats {
-        *self.stats.lock()
     }
 
     /// The database file, if any.
@@ -510,6 +486,10 @@ impl Drop for SideLock<'_> {
 impl Store for SqliteStore {
     fn write(&self, f: &mut WriteFn<'_>) -> Result<()> {
         self.write_queued(f)
+    }
+
+    fn write_stats(&self) -> WriteStats {
+        *self.stats.lock()
     }
 
     fn read(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Every row: `surface`, `case`, `durability`, `threads`, `processes`, `calls`, `p50_us`,
-//! `p99_us`, `ops_per_s` (settled executions, or calls, per second of wall time).
+//! `p99_us`, `ops_per_s` (settled executions, or calls, per second of wall time); the threaded
+//! Rust rows add `writes_per_transaction` (group commit's batching).
 //! `AEX_BENCH_SCALE` multiplies the call counts (default 1).
 
 use std::io::{BufRead, BufReader, Write};
@@ -70,14 +71,20 @@ fn row(surface: &str, case: &str, durability: &str, threads: usize, processes: u
     })
 }
 
+fn with_batching(mut row: Value, writes_per_transaction: f64) -> Value {
+    row["writes_per_transaction"] = json!((writes_per_transaction * 10.0).round() / 10.0);
+    row
+}
+
 fn emit(v: &Value) {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{v}").unwrap();
     out.flush().unwrap();
 }
 
-/// `threads` threads, each with its own agent, share one kernel on a fresh file.
-fn threaded(durability: &str, threads: usize, max_batch: usize) -> (Vec<f64>, Duration) {
+/// `threads` threads, each with its own agent, share one kernel on a fresh file. Also returns
+/// the writes per transaction (group commit's batching) over the measured calls.
+fn threaded(durability: &str, threads: usize, max_batch: usize) -> (Vec<f64>, Duration, f64) {
     let dir = tempfile::tempdir().unwrap();
     let k = open(&dir.path().join("bench.db"), durability, max_batch);
     let tokens: Vec<String> = (0..threads)
@@ -88,6 +95,7 @@ fn threaded(durability: &str, threads: usize, max_batch: usize) -> (Vec<f64>, Du
     for t in &tokens {
         one_call(&k, t, &req); // warm the statement cache and the pages
     }
+    let before = k.write_stats();
     let start = Instant::now();
     let micros = std::thread::scope(|s| {
         let handles: Vec<_> = tokens
@@ -99,7 +107,10 @@ fn threaded(durability: &str, threads: usize, max_batch: usize) -> (Vec<f64>, Du
             .collect();
         handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
-    (micros, start.elapsed())
+    let wall = start.elapsed();
+    let after = k.write_stats();
+    let batching = (after.writes - before.writes) as f64 / (after.transactions - before.transactions).max(1) as f64;
+    (micros, wall, batching)
 }
 
 fn now_us() -> u128 {
@@ -157,12 +168,12 @@ fn processes(durability: &str, n: usize) -> (Vec<f64>, Duration) {
 fn rust_rows() {
     for durability in ["full", "normal", "memory"] {
         for threads in [1, 2, 8] {
-            let (m, wall) = threaded(durability, threads, aex_core::store::DEFAULT_MAX_BATCH);
-            emit(&row("rust", "admit+commit", durability, threads, 1, m, wall));
+            let (m, wall, batching) = threaded(durability, threads, aex_core::store::DEFAULT_MAX_BATCH);
+            emit(&with_batching(row("rust", "admit+commit", durability, threads, 1, m, wall), batching));
         }
         // The same 8 threads with group commit off: every write its own transaction.
-        let (m, wall) = threaded(durability, 8, 1);
-        emit(&row("rust", "admit+commit, group commit off", durability, 8, 1, m, wall));
+        let (m, wall, batching) = threaded(durability, 8, 1);
+        emit(&with_batching(row("rust", "admit+commit, group commit off", durability, 8, 1, m, wall), batching));
     }
     for durability in ["full", "normal"] {
         for n in [2, 4] {
