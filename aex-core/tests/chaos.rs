@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aex_core::{
-    AdmitRequest, AgentSpec, Config, Durability, Error, Kernel, KernelOptions, ModelSpec, Prices, StoreOptions, SystemClock,
+    AdmitRequest, AgentSpec, Clock, Config, Durability, Error, Kernel, KernelOptions, ModelSpec, Prices, StoreOptions, SystemClock,
     TeamSpec, Usage,
 };
-use common::{MODEL, config, spawn_child};
+use common::{MODEL, child_env, config, spawn_child};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 const WORKERS: usize = 4;
@@ -44,17 +44,13 @@ fn dearer_config() -> Config {
     Config::new().with_model(MODEL, ModelSpec::priced(Prices::from_usd("0.30", "1.20").unwrap(), 1_000)).unwrap()
 }
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is set by the chaos test"))
-}
-
 /// One worker's life, until the stop file appears or it is killed.
 #[test]
 #[ignore = "the body of a child process: its parent test runs it"]
 fn child_chaos_worker() {
-    let (db, name, shared, stop) = (env("AEX_CHAOS_DB"), env("AEX_CHAOS_AGENT"), env("AEX_CHAOS_SHARED"), env("AEX_CHAOS_STOP"));
+    let (db, name, shared, stop) = (child_env("AEX_CHAOS_DB"), child_env("AEX_CHAOS_AGENT"), child_env("AEX_CHAOS_SHARED"), child_env("AEX_CHAOS_STOP"));
     let k = Kernel::open(&db, options(config())).unwrap();
-    let mut rng = StdRng::seed_from_u64(u64::from(std::process::id()) ^ SystemClock.now());
+    let mut rng = StdRng::seed_from_u64(u64::from(std::process::id()) ^ SystemClock.now_ms().unsigned_abs());
     // A restarted worker does not know its agent's token: it rotates a new one, as an operator would.
     let mut own = k.rotate_token(&name, None).unwrap().expose().to_string();
     let mut dear = false;
@@ -101,15 +97,6 @@ fn call(k: &Kernel, token: &str, rng: &mut StdRng) {
     }
 }
 
-trait Now {
-    fn now(&self) -> u64;
-}
-
-impl Now for SystemClock {
-    fn now(&self) -> u64 {
-        aex_core::Clock::now_ms(self).unsigned_abs()
-    }
-}
 
 fn spawn_worker(db: &Path, agent: &str, shared: &str, stop: &Path) -> Child {
     let (db, stop) = (db.to_str().unwrap(), stop.to_str().unwrap());
@@ -249,7 +236,7 @@ fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
     // The test tops up the team as it goes (it alone changes the team's budget), so the run
     // keeps meeting the team's limit and the agents' without spending it for good.
     let admin = Kernel::open(&db, options(config())).unwrap();
-    let mut rng = StdRng::seed_from_u64(SystemClock.now());
+    let mut rng = StdRng::seed_from_u64(SystemClock.now_ms().unsigned_abs());
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut kills = 0;
     while Instant::now() < deadline {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use aex_core::{AdmitRequest, ExecutionState, Kernel, KernelOptions, ManualClock, SystemClock, Usage};
+use aex_core::{AdmitRequest, Clock, ExecutionState, Kernel, KernelOptions, ManualClock, SystemClock, Usage};
 use common::*;
 
 /// Each call reserves exactly 450 micro-USD and commits exactly that.
@@ -170,7 +170,7 @@ fn a_worker_killed_mid_call_is_reconciled_on_reopen() {
     assert!(!child.wait().unwrap().success());
 
     // Before the TTL nothing is due: both reservations still hold the budget.
-    let now = SystemClock.now_ms_for_test();
+    let now = SystemClock.now_ms();
     let k = Kernel::open(&db, crash_options(Arc::new(ManualClock::new(now)))).unwrap();
     let a = k.agent("atlas").unwrap();
     assert_eq!((a.spent_micro, a.reserved_micro), (0, 2 * PER_CALL));
@@ -185,16 +185,6 @@ fn a_worker_killed_mid_call_is_reconciled_on_reopen() {
     let sent = k.execution("sent").unwrap();
     assert_eq!((sent.state, sent.cost_micro, sent.reason.as_deref()), (ExecutionState::Committed, Some(PER_CALL), Some("expired")));
     assert_clean(&k);
-}
-
-trait NowForTest {
-    fn now_ms_for_test(&self) -> i64;
-}
-
-impl NowForTest for SystemClock {
-    fn now_ms_for_test(&self) -> i64 {
-        aex_core::Clock::now_ms(self)
-    }
 }
 
 /// The body of a process that tries an agent's old token after another process rotated it.

@@ -9,10 +9,6 @@ use std::path::Path;
 use aex_core::{AdmitRequest, Error, Kernel, Usage};
 use common::*;
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is set by the fault test"))
-}
-
 fn files_size(db: &Path) -> u64 {
     ["", "-wal"]
         .iter()
@@ -27,7 +23,7 @@ fn files_size(db: &Path) -> u64 {
 #[test]
 #[ignore = "the body of a child process: its parent test runs it"]
 fn child_disk_full() {
-    let (db, token) = (env("AEX_FAULT_DB"), env("AEX_FAULT_TOKEN"));
+    let (db, token) = (child_env("AEX_FAULT_DB"), child_env("AEX_FAULT_TOKEN"));
     let k = file_kernel(Path::new(&db));
     let limit = files_size(Path::new(&db)) + 1024 * 1024;
     // SAFETY: plain libc calls on this process; ignoring SIGXFSZ turns the limit into EFBIG.
@@ -98,7 +94,7 @@ fn child_read_only() {
             assert_eq!(libc::setuid(65_534), 0);
         }
     }
-    let db = env("AEX_FAULT_DB");
+    let db = child_env("AEX_FAULT_DB");
     let outcome = match Kernel::open(&db, common::options(&aex_core::ManualClock::new(T0))) {
         Ok(_) => "opened".to_string(),
         Err(e @ Error::Unavailable(_)) => format!("{} {e}", e.status()),

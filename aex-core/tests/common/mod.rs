@@ -87,3 +87,8 @@ pub fn child_lines(child: &mut std::process::Child) -> impl Iterator<Item = Stri
         .map_while(Result::ok)
         .filter_map(|l| l.find(MARK).map(|at| l[at + MARK.len()..].to_string()))
 }
+
+/// A variable the parent test sets for its child process.
+pub fn child_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is set by the parent test"))
+}
