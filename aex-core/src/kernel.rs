@@ -6,6 +6,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use serde_json::json;
 
+use crate::admission::refused_tokens::RefusedTokens;
 use crate::admission::{self, AdmitRequest, Admission};
 use crate::agent::{self, Agent, AgentSpec};
 use crate::budget::BudgetPeriod;
@@ -118,8 +119,25 @@ struct Inner {
     hasher: ChainHasher,
     config: RwLock<Arc<Config>>,
     reservation_ttl_ms: i64,
+    /// Refused tokens of the current window, not yet in the ledger (see
+    /// [`crate::admission::refused_tokens`]).
+    refused_tokens: RefusedTokens,
     #[cfg(feature = "dispatch")]
     dispatch: crate::dispatch::DispatchState,
+}
+
+impl Drop for Inner {
+    /// Writes the summary of refused tokens counted but not yet recorded (best effort: a store
+    /// that fails now loses only that count).
+    fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            return;
+        }
+        if let Some(summary) = self.refused_tokens.drain() {
+            let (hasher, now) = (&self.hasher, self.clock.now_ms());
+            let _ = self.store.write(&mut |tx| ledger::append(tx, hasher, now, NewEvent::global(EventKind::Denied, 0, summary.clone())));
+        }
+    }
 }
 
 impl Kernel {
@@ -159,6 +177,7 @@ impl Kernel {
                 hasher,
                 config: RwLock::new(Arc::new(options.config)),
                 reservation_ttl_ms: options.reservation_ttl_ms,
+                refused_tokens: RefusedTokens::default(),
                 #[cfg(feature = "dispatch")]
                 dispatch: crate::dispatch::DispatchState::new(options.dispatch),
             }),
@@ -679,10 +698,12 @@ impl Kernel {
             config: &config,
             now: self.now(),
             reservation_ttl_ms: self.inner.reservation_ttl_ms,
+            refused_tokens: &self.inner.refused_tokens,
         };
         let hasher = &self.inner.hasher;
+        let prepared = admission::Prepared::of(&config, request);
         self.write(|tx| {
-            let admitted = admission::admit(tx, &cx, token, request, &execution_id)?;
+            let admitted = admission::admit(tx, &cx, token, request, &prepared, &execution_id)?;
             match admitted {
                 Ok(a) if dispatch && !a.replayed => {
                     let e = settlement::mark_dispatched(tx, hasher, &a.execution_id, cx.now)??;
@@ -770,6 +791,13 @@ impl Kernel {
     /// transactions (fewer when group commit shares them between threads).
     pub fn write_stats(&self) -> crate::store::WriteStats {
         self.inner.store.write_stats()
+    }
+
+    /// What is unsafe about how the store is set up — its files readable or writable by other
+    /// users, owned by another user, or in a directory others may write to — one sentence each,
+    /// found when it was opened. aex does not change existing files' modes; the CLI prints these.
+    pub fn warnings(&self) -> Vec<String> {
+        self.inner.store.warnings()
     }
 
     // ---- ledger -----------------------------------------------------------------------------------

@@ -380,6 +380,11 @@ impl Kernel_ {
         wire::audit_json(&r).to_py(py)
     }
 
+    /// What is unsafe about the database files' permissions, one sentence each.
+    fn warnings(&self) -> Vec<String> {
+        self.kernel.warnings()
+    }
+
     fn head(&self, py: Python<'_>) -> PyResult<Option<String>> {
         Ok(detach(py, || self.kernel.head())?.map(|h| h.to_text()))
     }

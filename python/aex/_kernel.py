@@ -15,13 +15,20 @@ from typing import Any, Optional, Union, cast
 from . import _aex
 from ._inputs import normalize_messages, usage_tokens
 
-__all__ = ["Kernel", "Guard", "default_home"]
+__all__ = ["Kernel", "Guard", "default_home", "make_private_dir"]
 
 
 def default_home() -> Path:
     """Where ``Kernel.open()`` and the ``aex`` command keep their files: ``$AEX_HOME`` or
     ``~/.aex``."""
     return Path(os.environ.get("AEX_HOME") or Path.home() / ".aex")
+
+
+def make_private_dir(path: Path) -> None:
+    """Creates ``path`` (and its parents) if missing; ``path`` itself as 0700, whatever the umask."""
+    if not path.is_dir():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
 
 
 class Kernel(_aex.Kernel):
@@ -35,9 +42,11 @@ class Kernel(_aex.Kernel):
 
     @classmethod
     def open(cls, home: Union[str, os.PathLike[str], None] = None, **kwargs: Any) -> "Kernel":
-        """Opens ``~/.aex/aex.db`` (or ``home``/aex.db), with ``models.yaml`` beside it if present."""
+        """Opens ``~/.aex/aex.db`` (or ``home``/aex.db), with ``models.yaml`` beside it if present.
+        A directory it creates is private (0700); an existing one is left as it is (see
+        ``warnings()``)."""
         base = Path(home) if home is not None else default_home()
-        base.mkdir(parents=True, exist_ok=True)
+        make_private_dir(base)
         config = base / "models.yaml"
         if "config" not in kwargs and "config_yaml" not in kwargs and config.exists():
             kwargs["config"] = str(config)

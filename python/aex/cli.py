@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import __version__, check_config, format_usd
-from ._kernel import Kernel, default_home
+from ._kernel import Kernel, default_home, make_private_dir
 from .errors import AexError
 
 _HOUR_MS = 3_600_000
@@ -66,8 +65,21 @@ class Cli:
         self.config: Optional[Path] = Path(config) if config else (beside if beside.exists() else None)
 
     def kernel(self) -> Kernel:
-        self.db.parent.mkdir(parents=True, exist_ok=True)
-        return Kernel(str(self.db), config=str(self.config) if self.config else None)
+        make_private_dir(self.db.parent)
+        k = Kernel(str(self.db), config=str(self.config) if self.config else None)
+        for warning in self.warnings(k):
+            print(f"aex: warning: {warning}", file=sys.stderr)
+        return k
+
+    def warnings(self, k: Kernel) -> list[str]:
+        """The kernel's warnings about its files, and aex's home directory if others can enter it."""
+        out = list(k.warnings())
+        home = self.db.parent
+        if home.resolve() == default_home().resolve():
+            mode = home.stat().st_mode & 0o777
+            if mode & 0o077:
+                out.append(f"{home} is accessible by other users (mode {mode:04o}): run chmod 700 on it")
+        return out
 
     def out(self, data: Any, text: str) -> None:
         print(json.dumps(data, indent=2, sort_keys=True) if self.args.json else text)
@@ -76,11 +88,14 @@ class Cli:
 
     def init(self) -> int:
         home = self.db.parent
-        home.mkdir(parents=True, exist_ok=True)
+        make_private_dir(home)
         models = self.config or home / "models.yaml"
         wrote = False
         if not models.exists() or self.args.force:
-            shutil.copyfile(Path(__file__).with_name("default_models.yaml"), models)
+            # Private from the first byte: a config decides where prompts and keys go.
+            fd = os.open(models, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(Path(__file__).with_name("default_models.yaml").read_bytes())
             wrote = True
         self.config = models
         k = self.kernel()

@@ -18,9 +18,10 @@
 //! `admission.denied` event in the same transaction, and the execution id stays free for a retry.
 //! Malformed input (400) is refused before the store is touched.
 
+pub(crate) mod refused_tokens;
 mod tokens;
 
-pub use tokens::{count_text_tokens, estimate_input_tokens};
+pub use tokens::{TOKENIZE_MAX_BYTES, count_text_tokens, estimate_input_tokens};
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -189,12 +190,33 @@ impl Admission {
     }
 }
 
+/// The work on a request that needs no store: its hash and, unless the caller counted them, its
+/// input tokens. Done before the write transaction, so a large prompt never holds the lock
+/// (tokenizing tens of megabytes takes seconds; the transaction takes microseconds).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prepared {
+    pub request_hash: [u8; 32],
+    /// The caller's count, else the count for the model's configured tokenizer; `None` for a
+    /// model the config does not know (policy denies it).
+    pub input_tokens: Option<i64>,
+}
+
+impl Prepared {
+    pub(crate) fn of(config: &Config, req: &AdmitRequest) -> Prepared {
+        let input_tokens = req.input_tokens.or_else(|| {
+            config.model(&req.model).map(|spec| estimate_input_tokens(spec.upstream_name(&req.model), &req.messages))
+        });
+        Prepared { request_hash: req.hash(), input_tokens }
+    }
+}
+
 /// Everything admission needs besides the transaction.
 pub(crate) struct Context<'a> {
     pub hasher: &'a ChainHasher,
     pub config: &'a Config,
     pub now: i64,
     pub reservation_ttl_ms: i64,
+    pub refused_tokens: &'a refused_tokens::RefusedTokens,
 }
 
 /// Authenticates a token against the store.
@@ -212,11 +234,18 @@ pub(crate) fn authenticate(tx: &mut dyn Tx, token: &str, now: i64) -> Result<Age
 
 /// Runs the pipeline. The outer `Result` fails the transaction (store errors); the inner one is
 /// the caller's answer, and the transaction commits either way (a denial is recorded).
-pub(crate) fn admit(tx: &mut dyn Tx, cx: &Context<'_>, token: &str, req: &AdmitRequest, execution_id: &str) -> Result<Result<Admission>> {
+pub(crate) fn admit(
+    tx: &mut dyn Tx,
+    cx: &Context<'_>,
+    token: &str,
+    req: &AdmitRequest,
+    prepared: &Prepared,
+    execution_id: &str,
+) -> Result<Result<Admission>> {
     // 1. auth
     let mut agent = match authenticate(tx, token, cx.now) {
         Ok(agent) => agent,
-        Err(denial) if denial.is_denial() => return deny(tx, cx, None, execution_id, req, denial),
+        Err(denial) if denial.is_denial() => return refuse_token(tx, cx, execution_id, req, denial),
         Err(other) => return Err(other),
     };
     if agent.scope == Scope::ReadOnly {
@@ -234,7 +263,7 @@ pub(crate) fn admit(tx: &mut dyn Tx, cx: &Context<'_>, token: &str, req: &AdmitR
     }
 
     // 2. idempotency
-    let request_hash = req.hash();
+    let request_hash = prepared.request_hash;
     if let Some(existing) = tx.execution(execution_id)? {
         if existing.agent_id != agent.id || existing.request_hash != request_hash {
             return Ok(Err(Error::conflict(
@@ -250,8 +279,9 @@ pub(crate) fn admit(tx: &mut dyn Tx, cx: &Context<'_>, token: &str, req: &AdmitR
         Ok(spec) => spec,
         Err(denial) => return deny(tx, cx, Some(&agent.name), execution_id, req, denial),
     };
-    let input_tokens =
-        req.input_tokens.unwrap_or_else(|| estimate_input_tokens(spec.upstream_name(&req.model), &req.messages));
+    let input_tokens = prepared
+        .input_tokens
+        .unwrap_or_else(|| estimate_input_tokens(spec.upstream_name(&req.model), &req.messages));
     let max_output_tokens = req.max_output_tokens.map_or(spec.max_output_tokens, |n| n.min(spec.max_output_tokens));
     if let Err(denial) = policy::check_context_window(&req.model, spec, input_tokens, max_output_tokens) {
         return deny(tx, cx, Some(&agent.name), execution_id, req, denial);
@@ -312,6 +342,15 @@ pub(crate) fn admit(tx: &mut dyn Tx, cx: &Context<'_>, token: &str, req: &AdmitR
     });
     ledger::append(tx, cx.hasher, cx.now, NewEvent::execution(EventKind::Reserved, &agent.name, execution_id, reserved, data))?;
     Ok(Ok(Admission::of(&execution, false)))
+}
+
+/// Records a refused token within the bound of [`refused_tokens`] and returns the denial.
+fn refuse_token(tx: &mut dyn Tx, cx: &Context<'_>, execution_id: &str, req: &AdmitRequest, denial: Error) -> Result<Result<Admission>> {
+    let record = cx.refused_tokens.refuse(cx.now, denial.reason());
+    if let Some(summary) = record.summary {
+        ledger::append(tx, cx.hasher, cx.now, NewEvent::global(EventKind::Denied, 0, summary))?;
+    }
+    if record.write_this { deny(tx, cx, None, execution_id, req, denial) } else { Ok(Err(denial)) }
 }
 
 /// Records a denial and returns it as the caller's answer.

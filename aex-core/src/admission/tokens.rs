@@ -19,9 +19,18 @@ const PER_REPLY: i64 = 3;
 /// Framing tokens per message assumed for unknown formats.
 const BOUND_PER_MESSAGE: i64 = 4;
 
+/// Prompts larger than this many bytes are bounded by their length instead of tokenized: BPE
+/// time grows faster than linearly on long runs without spaces (25 MB took over 13 s), and the
+/// bound is an over-estimate, so it only reserves more.
+pub const TOKENIZE_MAX_BYTES: usize = 1 << 20;
+
 /// Counts the input tokens `messages` will cost on `model` (the provider's name for it).
 pub fn estimate_input_tokens(model: &str, messages: &[Message]) -> i64 {
     let n = messages.len() as i64;
+    let bytes: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+    if bytes > TOKENIZE_MAX_BYTES {
+        return byte_bound(messages);
+    }
     match tiktoken_rs::tokenizer::get_tokenizer(model) {
         Some(tokenizer) => {
             let bpe = tiktoken_rs::bpe_for_tokenizer(tokenizer).ok();

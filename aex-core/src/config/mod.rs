@@ -293,7 +293,27 @@ fn validate_provider(name: &str, p: &Provider) -> Result<()> {
     {
         return Err(Error::invalid(format!("providers.{name}.api_key_env"), "must be an environment variable name"));
     }
+    if p.api_key_env.is_some() && p.base_url.starts_with("http://") && !is_loopback_url(&p.base_url) {
+        return Err(Error::invalid(
+            format!("providers.{name}.base_url"),
+            "must be https:// when api_key_env is set: over plain http:// to another host the key would travel in clear",
+        ));
+    }
     Ok(())
+}
+
+/// Whether an `http://` URL's host is this machine: `localhost`, `127.0.0.0/8` or `[::1]`.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host_port.split(':').next().unwrap_or_default()
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn validate_limits(l: &Limits) -> Result<()> {

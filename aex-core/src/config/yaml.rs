@@ -44,6 +44,9 @@ use crate::money::{self, MAX_MICRO};
 pub const DEFAULT_MAX_OUTPUT_TOKENS: i64 = 4_096;
 /// The largest config file read: 4 MiB.
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
+/// The deepest nesting accepted, counted before parsing (the parser's time grows with the square
+/// of the depth: a file nested 200 KB deep took 15 s). `models.yaml` needs four levels.
+pub const MAX_DEPTH: usize = 32;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -204,6 +207,7 @@ impl Config {
     /// # Errors
     /// [`Error::InvalidRequest`] naming the field, and the line where the parser gives one.
     pub fn from_yaml(text: &str) -> Result<Config> {
+        check_depth(text)?;
         let raw: RawFile = serde_yaml_ng::from_str(text).map_err(|e| parse_error(&e))?;
         let mut config = Config::new();
         for (name, p) in raw.providers {
@@ -227,10 +231,13 @@ impl Config {
     /// Reads and parses a `models.yaml` file.
     ///
     /// # Errors
-    /// [`Error::InvalidRequest`] on field `config` when the file cannot be read or is over 4 MiB;
-    /// otherwise as [`Config::from_yaml`].
+    /// [`Error::InvalidRequest`] on field `config` when the file cannot be read, is over 4 MiB,
+    /// or could be changed by another user (owned by someone other than this user or root, or
+    /// group/other writable: a config decides where prompts and keys go); otherwise as
+    /// [`Config::from_yaml`].
     pub fn load(path: impl AsRef<Path>) -> Result<Config> {
         let path = path.as_ref();
+        crate::store::files::check_config_file(path).map_err(|rule| Error::invalid("config", rule))?;
         let unreadable = |e: std::io::Error| Error::invalid("config", format!("cannot read {}: {e}", path.display()));
         let size = std::fs::metadata(path).map_err(unreadable)?.len();
         if size > MAX_FILE_BYTES {
@@ -240,9 +247,73 @@ impl Config {
     }
 }
 
+/// Refuses text nested deeper than [`MAX_DEPTH`] — flow collections (`[`, `{`) or block
+/// indentation — before the parser sees it.
+fn check_depth(text: &str) -> Result<()> {
+    let too_deep = |line: usize| {
+        Err(Error::invalid("config", format!("line {line}: nested deeper than {MAX_DEPTH} levels")))
+    };
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    for (i, line) in text.lines().enumerate() {
+        let content = line.trim_start_matches([' ', '-']);
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        if flow == 0 {
+            // Block nesting: each deeper indentation (a `- ` counts as one) opens a level.
+            let indent = line.len() - line.trim_start_matches(' ').len();
+            while indents.last().is_some_and(|&top| top >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+            let dashes = line.trim_start_matches(' ').bytes().take_while(|&b| b == b'-' || b == b' ').filter(|&b| b == b'-').count();
+            if indents.len() + dashes > MAX_DEPTH {
+                return too_deep(i + 1);
+            }
+        }
+        let mut quote: Option<char> = None;
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    if indents.len() + flow > MAX_DEPTH {
+                        return too_deep(i + 1);
+                    }
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let started = std::time::Instant::now();
+        for text in ["models: ".to_string() + &"[".repeat(200_000), "a: ".to_string() + &"{b: ".repeat(40)] {
+            let e = Config::from_yaml(&text).unwrap_err();
+            assert!(e.to_string().contains("nested deeper than 32 levels"), "{e}");
+        }
+        let block: String = (0..40).map(|d| format!("{}k{d}:\n", " ".repeat(d))).collect();
+        assert!(Config::from_yaml(&block).unwrap_err().to_string().contains("line 33: nested deeper"));
+        let dashes = format!("{}1\n", "- ".repeat(40));
+        assert!(Config::from_yaml(&dashes).unwrap_err().to_string().contains("nested deeper"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "refused quickly");
+        // Thirty levels are fine as far as depth goes (the schema then refuses the fields).
+        let ok: String = (0..30).map(|d| format!("{}k{d}:\n", " ".repeat(d))).collect();
+        assert!(!Config::from_yaml(&ok).unwrap_err().to_string().contains("nested deeper"));
+        Config::from_yaml(FULL).unwrap();
+    }
 
     const FULL: &str = r#"
 providers:

@@ -8,6 +8,9 @@
 //! [`SqliteStore`] is the embedded implementation. A server-backed store for multi-machine fleets
 //! implements the same two traits and the rules above it stay unchanged.
 
+pub mod files;
+pub mod ofd;
+mod side_lock;
 mod sqlite;
 
 pub use sqlite::{DEFAULT_MAX_BATCH, Durability, SqliteStore, StoreOptions};
@@ -37,6 +40,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// without group commit reports one transaction per write (the default).
     fn write_stats(&self) -> WriteStats {
         WriteStats::default()
+    }
+
+    /// What is unsafe about how the store is set up (file permissions, ...), one sentence each,
+    /// for the CLI to print. Empty by default.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// Runs `f` over one consistent snapshot; it must not write.

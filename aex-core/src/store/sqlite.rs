@@ -21,7 +21,6 @@
 //! Nothing read is cached between transactions: another process's change, or a hand edit in the
 //! `sqlite3` shell, governs the very next operation.
 
-use std::fs::File;
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
@@ -31,7 +30,8 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Store, Tx, WriteStats};
+use super::side_lock::{SideGuard, SideLock};
+use super::{Store, Tx, WriteStats, files};
 use crate::agent::{Agent, Capabilities};
 use crate::budget::BudgetPeriod;
 use crate::rate::Bucket;
@@ -209,9 +209,13 @@ pub struct SqliteStore {
     queue: Mutex<Vec<Job>>,
     max_batch: usize,
     stats: Mutex<WriteStats>,
+    /// How long a writer waits for the cross-process lock (the store's busy timeout).
+    lock_timeout: Duration,
     /// The cross-process write lock; `None` for an in-memory database.
-    lock: Option<File>,
+    lock: Option<SideLock>,
     path: Option<PathBuf>,
+    /// What was unsafe about the files' permissions at open.
+    warnings: Vec<String>,
 }
 
 /// A write closure, with its borrows' lifetime erased so that the leader's thread may run it.
@@ -291,19 +295,23 @@ impl SqliteStore {
     /// [`Error::Unavailable`] when the file cannot be opened, locked or migrated, or its schema is
     /// newer than this version of aex understands.
     pub fn open(path: &Path, options: StoreOptions) -> Result<SqliteStore> {
+        // Before aex's SQLite opens its first file: lock so that other copies of SQLite in this
+        // process see aex's locks (see `ofd`).
+        super::ofd::active();
+        let warnings = files::warnings(path);
+        // Created private before SQLite opens it, so the WAL and shm files (which SQLite creates
+        // with the database's mode) are private too.
+        files::open_private(path).map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         let conn = Connection::open(path).map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         let mut lock_path = path.as_os_str().to_owned();
         lock_path.push(".lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
+        let lock = files::open_private(Path::new(&lock_path))
             .map_err(|e| Error::Unavailable(format!("cannot open lock file {}: {e}", Path::new(&lock_path).display())))?;
         conn.busy_timeout(options.busy_timeout)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", options.durability.pragma())?;
-        let store = SqliteStore::new(conn, Some(lock), Some(path.to_path_buf()), options.max_batch);
+        let mut store = SqliteStore::new(conn, Some(SideLock::new(lock)), Some(path.to_path_buf()), options);
+        store.warnings = warnings;
         store.migrate()?;
         Ok(store)
     }
@@ -313,20 +321,28 @@ impl SqliteStore {
     /// # Errors
     /// [`Error::Unavailable`] if SQLite cannot allocate it.
     pub fn open_in_memory() -> Result<SqliteStore> {
-        let store = SqliteStore::new(Connection::open_in_memory()?, None, None, DEFAULT_MAX_BATCH);
+        let store = SqliteStore::new(Connection::open_in_memory()?, None, None, StoreOptions::default());
         store.migrate()?;
         Ok(store)
     }
 
-    fn new(conn: Connection, lock: Option<File>, path: Option<PathBuf>, max_batch: usize) -> SqliteStore {
+    fn new(conn: Connection, lock: Option<SideLock>, path: Option<PathBuf>, options: StoreOptions) -> SqliteStore {
         SqliteStore {
             conn: Mutex::new(conn),
             queue: Mutex::new(Vec::new()),
-            max_batch: max_batch.max(1),
+            max_batch: options.max_batch.max(1),
+            lock_timeout: options.busy_timeout,
             stats: Mutex::new(WriteStats::default()),
             lock,
             path,
+            warnings: Vec::new(),
         }
+    }
+
+    /// Takes the cross-process write lock (none for an in-memory database), waiting at most the
+    /// store's timeout.
+    fn side_lock(&self) -> Result<Option<SideGuard<'_>>> {
+        self.lock.as_ref().map(|l| l.acquire(self.lock_timeout)).transpose()
     }
 
     /// The database file, if any.
@@ -336,7 +352,7 @@ impl SqliteStore {
 
     fn migrate(&self) -> Result<()> {
         let conn = self.conn.lock();
-        let _side = SideLock::take(self.lock.as_ref())?;
+        let _side = self.side_lock()?;
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let migrated = (|| {
             let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -398,7 +414,7 @@ impl SqliteStore {
         if jobs.is_empty() {
             return;
         }
-        let side = match SideLock::take(self.lock.as_ref()) {
+        let side = match self.side_lock() {
             Ok(side) => side,
             Err(e) => return jobs.iter().for_each(|j| j.done.finish(Ok(Err(e.clone())))),
         };
@@ -462,27 +478,6 @@ fn run(conn: &Connection, sql: &str) -> Result<()> {
     Ok(())
 }
 
-/// Holds the cross-process lock for one write transaction.
-struct SideLock<'a>(Option<&'a File>);
-
-impl<'a> SideLock<'a> {
-    fn take(file: Option<&'a File>) -> Result<Self> {
-        if let Some(f) = file {
-            f.lock().map_err(|e| Error::Unavailable(format!("cannot take the store's write lock: {e}")))?;
-        }
-        Ok(SideLock(file))
-    }
-}
-
-impl Drop for SideLock<'_> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0 {
-            // Closing the process also releases it; an unlock error leaves nothing to do.
-            let _ = f.unlock();
-        }
-    }
-}
-
 impl Store for SqliteStore {
     fn write(&self, f: &mut WriteFn<'_>) -> Result<()> {
         self.write_queued(f)
@@ -490,6 +485,10 @@ impl Store for SqliteStore {
 
     fn write_stats(&self) -> WriteStats {
         *self.stats.lock()
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
     }
 
     fn read(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {

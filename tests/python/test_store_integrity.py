@@ -1,0 +1,150 @@
+"""The store with other users of its files: Python's own sqlite3 in the same process, the files'
+permissions, and the CLI's warnings."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import aex
+from conftest import MODELS, run_cli
+
+PER_CALL = 450  # micro-USD: 1,000 input and 500 output tokens of "mini"
+
+# One process: aex guards calls, and between them the stdlib's sqlite3 (another copy of SQLite)
+# opens the same file, reads, writes and closes, as a notebook or pandas.read_sql would. The
+# process waits for a line on stdin after each step, so the parent can look from outside.
+CHILD = textwrap.dedent(
+    """
+    import sqlite3, sys, aex
+    db, models = sys.argv[1], sys.argv[2]
+    k = aex.Kernel(db, config_yaml=models, durability="full")
+    token = k.create_agent("a", "10.00", rpm=1_000_000)
+
+    def call():
+        a = k.admit(token, "mini", input_tokens=1000, max_output_tokens=500)
+        k.mark_dispatched(a["execution_id"])
+        k.commit(a["execution_id"], input_tokens=1000, output_tokens=500)
+
+    def step(n):
+        print(f"step {n} {k.head()}", flush=True)
+        sys.stdin.readline()
+
+    call()
+    step(1)
+    con = sqlite3.connect(db)
+    assert con.execute("select count(*) from agents").fetchone() == (1,)
+    con.execute("create table if not exists notebook (note text)")
+    con.execute("insert into notebook values ('read by pandas')")
+    con.commit()
+    con.close()
+    for n in range(2, 7):
+        call()
+        step(n)
+    print("done", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def _inspect(db):
+    return json.loads(run_cli("agent", "inspect", "a", "--json", db=db).stdout)
+
+
+def test_the_stdlib_sqlite3_in_the_same_process_loses_nothing(db, tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text(MODELS)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, db, str(models)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        head = None
+        for n in range(1, 7):
+            line = child.stdout.readline().split()
+            assert line[:2] == ["step", str(n)], line
+            head = line[2]
+            # Another process (the aex CLI) sees the current counters after every step.
+            seen = _inspect(db)
+            assert (seen["spent_micro"], seen["reserved_micro"]) == (n * PER_CALL, 0), (n, seen)
+            child.stdin.write("\n")
+            child.stdin.flush()
+        assert child.stdout.readline().strip() == "done"
+        assert os.path.exists(db + "-wal"), "the WAL was deleted under a running kernel"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    # Reopened after the crash: every acknowledged call and event is there, and the audit is clean.
+    k = aex.Kernel(db, config_yaml=MODELS)
+    a = k.agent("a")
+    assert (a["spent_micro"], a["reserved_micro"]) == (6 * PER_CALL, 0)
+    seq = int(head.split(":")[0])
+    assert [e["seq"] for e in k.events(seq, 1)] == [seq], "acknowledged events were lost"
+    assert k.events(seq, 1)[0]["hash"] == head.split(":")[1]
+    report = k.audit()
+    assert report["clean"], report["failure"]
+    assert report["events"] >= seq
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_kernel_open_and_init_create_private_files_whatever_the_umask(tmp_path):
+    home = tmp_path / "aexhome"
+    script = textwrap.dedent(
+        """
+        import os, sys, aex
+        os.umask(0)
+        k = aex.Kernel.open(sys.argv[1], config_yaml='models: {mini: {input_price: 1, output_price: 2}}')
+        t = k.create_agent("a", "1.00")
+        a = k.admit(t, "mini", input_tokens=10, max_output_tokens=10)
+        k.commit(a["execution_id"], input_tokens=10, output_tokens=10)
+        print(k.warnings())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(home)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    assert _mode(home) == 0o700
+    for name in ["aex.db", "aex.db-wal", "aex.db-shm", "aex.db.lock"]:
+        assert _mode(home / name) == 0o600, name
+
+    cli_home = tmp_path / "clihome"
+    env = dict(os.environ, AEX_HOME=str(cli_home), PYTHONWARNINGS="error")
+    subprocess.run(
+        [sys.executable, "-c", "import os, sys; os.umask(0); from aex.cli import main; sys.exit(main(['init']))"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert _mode(cli_home) == 0o700
+    for name in ["aex.db", "aex.db.lock", "models.yaml"]:
+        assert _mode(cli_home / name) == 0o600, name
+
+
+def test_the_cli_warns_about_files_others_can_read_and_leaves_them(db):
+    run_cli("agent", "create", "a", "1", "10", db=db)
+    os.chmod(db, 0o644)
+    proc = run_cli("agent", "list", db=db)
+    assert "aex.db is readable or writable by other users (mode 0644)" in proc.stderr, proc.stderr
+    assert _mode(db) == 0o644
+    assert aex.Kernel(db, config_yaml=MODELS).warnings() != []
+
+
+def test_a_config_others_can_write_is_refused(tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text(MODELS)
+    os.chmod(models, 0o666)
+    try:
+        aex.Kernel(str(tmp_path / "aex.db"), config=str(models))
+    except aex.InvalidRequest as e:
+        assert e.field == "config" and "writable by other users" in str(e), str(e)
+    else:
+        raise AssertionError("a world-writable config was loaded")
