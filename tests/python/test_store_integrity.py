@@ -21,7 +21,7 @@ CHILD = textwrap.dedent(
     """
     import sqlite3, sys, aex
     db, models = sys.argv[1], sys.argv[2]
-    k = aex.Kernel(db, config_yaml=models, durability="full")
+    k = aex.Kernel(db, config=models, durability="full")
     token = k.create_agent("a", "10.00", rpm=1_000_000)
 
     def call():
@@ -51,46 +51,68 @@ CHILD = textwrap.dedent(
 
 
 def _inspect(db):
-    return json.loads(run_cli("agent", "inspect", "a", "--json", db=db).stdout)
+    return json.loads(run_cli("--json", "agent", "inspect", "a", db=db).stdout)
+
+
+def _run_workload(db, models, env):
+    """Runs CHILD; after each step reads the agent from another process (the aex CLI). Returns
+    what it saw after each step and the last head the child acknowledged; SIGKILLs the child."""
+    seen, head, wal_kept = [], None, False
+    with subprocess.Popen(
+        [sys.executable, "-c", CHILD, db, str(models)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as child:
+        try:
+            for n in range(1, 7):
+                line = child.stdout.readline().split()
+                assert line[:2] == ["step", str(n)], line
+                head = line[2]
+                a = _inspect(db)
+                seen.append((a["spent_micro"], a["reserved_micro"]))
+                child.stdin.write("\n")
+                child.stdin.flush()
+            assert child.stdout.readline().strip() == "done"
+            wal_kept = os.path.exists(db + "-wal")
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+    return seen, head, wal_kept
 
 
 def test_the_stdlib_sqlite3_in_the_same_process_loses_nothing(db, tmp_path):
     models = tmp_path / "models.yaml"
     models.write_text(MODELS)
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, db, str(models)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        head = None
-        for n in range(1, 7):
-            line = child.stdout.readline().split()
-            assert line[:2] == ["step", str(n)], line
-            head = line[2]
-            # Another process (the aex CLI) sees the current counters after every step.
-            seen = _inspect(db)
-            assert (seen["spent_micro"], seen["reserved_micro"]) == (n * PER_CALL, 0), (n, seen)
-            child.stdin.write("\n")
-            child.stdin.flush()
-        assert child.stdout.readline().strip() == "done"
-        assert os.path.exists(db + "-wal"), "the WAL was deleted under a running kernel"
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    env = {k: v for k, v in os.environ.items() if k != "AEX_UNSAFE_CLASSIC_LOCKS"}
+    seen, head, wal_kept = _run_workload(db, models, env)
+    # Another process saw the current counters after every step, and the WAL stayed in place.
+    assert seen == [(n * PER_CALL, 0) for n in range(1, 7)]
+    assert wal_kept, "the WAL was deleted under a running kernel"
     # Reopened after the crash: every acknowledged call and event is there, and the audit is clean.
     k = aex.Kernel(db, config_yaml=MODELS)
     a = k.agent("a")
     assert (a["spent_micro"], a["reserved_micro"]) == (6 * PER_CALL, 0)
-    seq = int(head.split(":")[0])
-    assert [e["seq"] for e in k.events(seq, 1)] == [seq], "acknowledged events were lost"
-    assert k.events(seq, 1)[0]["hash"] == head.split(":")[1]
+    seq, digest = head.split(":")
+    events = k.events(int(seq), 1)
+    assert [(e["seq"], e["hash"]) for e in events] == [(int(seq), digest)], "acknowledged events were lost"
     report = k.audit()
     assert report["clean"], report["failure"]
-    assert report["events"] >= seq
+
+
+def test_the_control_with_classic_locks_does_lose_writes(db, tmp_path):
+    """The same workload with SQLite's classic locks: the hazard is real here, so the test above
+    would see it."""
+    models = tmp_path / "models.yaml"
+    models.write_text(MODELS)
+    seen, _, _ = _run_workload(db, models, dict(os.environ, AEX_UNSAFE_CLASSIC_LOCKS="1"))
+    assert seen[0] == (PER_CALL, 0)
+    assert seen[-1] != (6 * PER_CALL, 0), "classic locks lost nothing: this test cannot see the hazard"
+    k = aex.Kernel(db, config_yaml=MODELS)
+    assert k.agent("a")["spent_micro"] < 6 * PER_CALL
 
 
 def _mode(path):
@@ -108,13 +130,16 @@ def test_kernel_open_and_init_create_private_files_whatever_the_umask(tmp_path):
         a = k.admit(t, "mini", input_tokens=10, max_output_tokens=10)
         k.commit(a["execution_id"], input_tokens=10, output_tokens=10)
         print(k.warnings())
+        for name in ["aex.db", "aex.db-wal", "aex.db-shm", "aex.db.lock"]:
+            print(name, oct(os.stat(os.path.join(sys.argv[1], name)).st_mode & 0o777))
         """
     )
     out = subprocess.run([sys.executable, "-c", script, str(home)], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0] == "[]", out.stdout
+    # Read while the kernel was open: the WAL and shared memory go when the last connection closes.
+    assert lines[1:] == [f"{name} 0o600" for name in ["aex.db", "aex.db-wal", "aex.db-shm", "aex.db.lock"]], lines
     assert _mode(home) == 0o700
-    for name in ["aex.db", "aex.db-wal", "aex.db-shm", "aex.db.lock"]:
-        assert _mode(home / name) == 0o600, name
 
     cli_home = tmp_path / "clihome"
     env = dict(os.environ, AEX_HOME=str(cli_home), PYTHONWARNINGS="error")
