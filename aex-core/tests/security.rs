@@ -98,3 +98,48 @@ fn a_read_only_token_cannot_admit_and_leaves_nothing_reserved() {
     assert_eq!((a.spent_micro, a.reserved_micro), (0, 0));
     assert_clean(&k);
 }
+
+/// A caller without a valid token cannot grow the ledger: refusals are written once per window
+/// in full and otherwise counted into one summary event, which the next window's first refusal
+/// (or dropping the kernel) writes.
+#[test]
+fn refused_tokens_write_a_bounded_number_of_events() {
+    use aex_core::admission::REFUSED_TOKENS_WINDOW_MS;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("aex.db");
+    let clock = aex_core::ManualClock::new(T0);
+    let k = Kernel::open(&path, options(&clock)).unwrap();
+    let token = agent(&k, "atlas", 1_000_000);
+    k.set_disabled("atlas", true).unwrap();
+    let before = k.head().unwrap().unwrap().seq;
+    for i in 0..2_000 {
+        let made_up = format!("aex_{i:048}");
+        assert_eq!(k.admit(&made_up, &req()).unwrap_err().reason(), "unknown_token");
+    }
+    assert_eq!(k.admit(&token, &req()).unwrap_err().reason(), "agent_disabled");
+    assert_eq!(k.head().unwrap().unwrap().seq, before + 1, "only the window's first refusal is written");
+
+    clock.advance(REFUSED_TOKENS_WINDOW_MS);
+    assert_eq!(k.admit("not-a-token", &req()).unwrap_err().reason(), "unknown_token");
+    let events = k.events(before + 1, 10).unwrap();
+    let kinds: Vec<(&str, Option<&str>)> = events.iter().map(|e| (e.kind.as_str(), e.execution_id.as_deref())).collect();
+    assert_eq!(kinds.len(), 3, "{kinds:?}");
+    let summary: serde_json::Value = serde_json::from_str(&events[1].data).unwrap();
+    assert_eq!(events[1].kind, "admission.denied");
+    assert_eq!(events[1].execution_id, None);
+    assert_eq!(summary["count"], 2_000);
+    assert_eq!(summary["reasons"]["unknown_token"], 1_999);
+    assert_eq!(summary["reasons"]["agent_disabled"], 1);
+    assert_eq!((summary["from_ms"].as_i64(), summary["to_ms"].as_i64()), (Some(T0), Some(T0)));
+    assert!(events[2].execution_id.is_some(), "the new window's first refusal is written in full");
+
+    // Counted refusals not yet written reach the ledger when the kernel goes away.
+    assert!(k.admit("not-a-token", &req()).is_err());
+    let head = k.head().unwrap().unwrap().seq;
+    drop(k);
+    let k = Kernel::open(&path, options(&clock)).unwrap();
+    let last = k.events(head + 1, 1).unwrap();
+    assert_eq!(last.len(), 1);
+    assert!(last[0].data.contains("\"count\":1"), "{}", last[0].data);
+    assert_clean(&k);
+}

@@ -21,6 +21,7 @@
 pub(crate) mod refused_tokens;
 mod tokens;
 
+pub use refused_tokens::WINDOW_MS as REFUSED_TOKENS_WINDOW_MS;
 pub use tokens::{TOKENIZE_MAX_BYTES, count_text_tokens, estimate_input_tokens};
 
 use serde_json::json;

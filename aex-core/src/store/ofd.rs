@@ -175,15 +175,23 @@ mod imp {
     }
 
     /// The descriptor that holds every lock on the file behind `fd`, registering `fd` as one of
-    /// its users.
+    /// its users. A descriptor already registered is found without a system call: it stays
+    /// registered until SQLite closes it through the `close` hook, so its number cannot have been
+    /// reused for another file meanwhile.
     fn lock_fd_for(fd: c_int) -> Result<c_int, c_int> {
+        if let Some(table) = TABLE.lock().as_ref()
+            && let Some((_, entry)) = table.files.iter().find(|(_, e)| e.users.contains(&fd))
+        {
+            return Ok(entry.lock_fd);
+        }
+        // A descriptor not seen before (so no system call was spent on the common path above).
         let id = file_id(fd)?;
-        let mut guard = TABLE.lock();
         let pid = std::process::id();
+        let mut guard = TABLE.lock();
         let table = guard.get_or_insert_with(|| Table { pid, files: Vec::new() });
         if table.pid != pid {
-            // A forked child: the inherited lock descriptors are shared with the parent, so they
-            // cannot stand for this process. Start afresh.
+            // A forked child opening its own connection: the inherited lock descriptors are
+            // shared with the parent, so they cannot stand for this process. Start afresh.
             for (_, entry) in &table.files {
                 // SAFETY: descriptors this table opened.
                 unsafe { libc::close(entry.lock_fd) };
@@ -237,10 +245,10 @@ mod imp {
     /// SQLite's `close`: forgets `fd`, and closes the file's lock descriptor (dropping its locks)
     /// when `fd` was the last of SQLite's descriptors of that file.
     extern "C" fn aex_ofd_close(fd: c_int) -> c_int {
-        if let Ok(id) = file_id(fd) {
+        {
             let mut guard = TABLE.lock();
             if let Some(table) = guard.as_mut().filter(|t| t.pid == std::process::id())
-                && let Some(at) = table.files.iter().position(|(f, _)| *f == id)
+                && let Some(at) = table.files.iter().position(|(_, e)| e.users.contains(&fd))
             {
                 let entry = &mut table.files[at].1;
                 entry.users.retain(|&u| u != fd);
