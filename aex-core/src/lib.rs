@@ -49,6 +49,7 @@
 //! SQLite's own locking, so a budget shared by any number of callers is never overshot.
 
 pub mod admission;
+pub mod call;
 pub mod agent;
 pub mod auth;
 pub mod budget;

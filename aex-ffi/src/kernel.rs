@@ -574,7 +574,7 @@ pub unsafe extern "C" fn aex_kernel_call(
         let call = provider_call(endpoint, request_json, passthrough_key)?;
         out_ptr(response_json, "response_json")?;
         let reply = with_kernel(k, |k| k.call_provider_blocking(token, call))?;
-        put(response_json, give_string(&reply.response.to_string()));
+        put(response_json, give_string(&reply.raw));
         if !settlement_out.is_null() {
             put(settlement_out, aex_settlement::from(&reply.settlement));
         }

@@ -451,7 +451,7 @@ impl Kernel_ {
         execution_id: Option<String>,
     ) -> PyResult<String> {
         let call = provider_call(py, endpoint, body, passthrough_key, execution_id)?;
-        detach(py, || self.kernel.call_provider_blocking(token, call)).map(|r| r.response.to_string())
+        detach(py, || self.kernel.call_provider_blocking(token, call)).map(|r| r.raw)
     }
 
     /// A streaming governed call: `on_chunk(data)` receives each SSE payload (a JSON string)

@@ -7,11 +7,10 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use super::sse::Lines;
-use super::{DispatchOptions, Endpoint, Failure, ProviderCall, ProviderReply, admit_request, output_text, passthrough_required, usage_of};
-use crate::admission::count_text_tokens;
-use crate::error::{Error, RateWindow, Result};
-use crate::settlement::{Settlement, Usage};
+use super::{DispatchOptions, Endpoint, Failure, ProviderCall, ProviderReply, admit_request, passthrough_required};
 use crate::Kernel;
+use crate::call::{Call, Ending, Settled, output_of};
+use crate::error::{Error, RateWindow, Result};
 
 /// The dispatcher's lazily built parts, owned by the kernel: one HTTP client (connection pool)
 /// and, for the blocking API, one runtime. `Send + Sync`.
@@ -36,6 +35,8 @@ impl DispatchState {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .connect_timeout(self.options.connect_timeout)
+            // A redirect would re-send the prompt (and the key) to another host: never followed.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Unavailable(format!("cannot build the HTTP client: {e}")))?;
         Ok(self.client.get_or_init(|| client))
@@ -97,7 +98,14 @@ pub(super) async fn run<'c>(
     mut on_chunk: Option<&mut (dyn FnMut(&str) -> bool + Send + 'c)>,
 ) -> Result<ProviderReply> {
     let model = call.body.get("model").and_then(Value::as_str).ok_or_else(|| Error::invalid("model", "the request must name its model"))?.to_string();
-    let fallbacks = kernel.config().model(&model).map(|s| s.fallbacks.clone()).unwrap_or_default();
+    let config = kernel.config();
+    let provider_of = |m: &str| config.model(m).and_then(|s| s.provider.clone());
+    let mut fallbacks = config.model(&model).map(|s| s.fallbacks.clone()).unwrap_or_default();
+    if call.passthrough_key.is_some() {
+        // An agent's own key was given for its model's provider, and goes to no other.
+        let home = provider_of(&model);
+        fallbacks.retain(|f| provider_of(f) == home);
+    }
     let base_id = call.execution_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let options = kernel.dispatch_state().options;
     let mut attempts = 0;
@@ -135,14 +143,31 @@ pub(super) async fn run<'c>(
     Err(Error::Unavailable(format!("every attempt failed ({attempts}); last: {last}")))
 }
 
-/// Settles an attempt that produced a response, from its usage or, without one, its counted
-/// output (estimated).
-fn settle(kernel: &Kernel, id: &str, model: &str, usage: Option<Usage>, text: &str, input: i64) -> std::result::Result<(Settlement, bool), Failure> {
-    let result = match usage {
-        Some(u) => kernel.commit(id, u).map(|s| (s, false)),
-        None => kernel.commit_estimated(id, Usage::new(input, count_text_tokens(model, text))).map(|s| (s, true)),
+/// Sets the output cap the request is sent with to the reservation's, whatever the caller asked
+/// (more, `null`, or nothing): what is sent never asks for more than was reserved.
+fn cap_output(endpoint: Endpoint, body: &mut Value, cap: i64) {
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            let completion = body.get("max_completion_tokens").is_some();
+            if completion {
+                body["max_completion_tokens"] = cap.into();
+            }
+            if body.get("max_tokens").is_some() || !completion {
+                body["max_tokens"] = cap.into();
+            }
+        }
+        Endpoint::Responses => body["max_output_tokens"] = cap.into(),
+        Endpoint::Embeddings => {}
+    }
+}
+
+/// Why the call was charged although it failed, for the caller's error.
+fn charged(model: &str, why: &str, settled: Result<Settled>) -> Failure {
+    let how = match settled {
+        Ok(s) => format!("charged {} micro-USD", s.settlement.cost_micro),
+        Err(e) => format!("its settlement failed ({e}); the reservation expires by the TTL rule"),
     };
-    result.map_err(Failure::Final)
+    Failure::Final(Error::Unavailable(format!("{model}: {why}; it may have reached the provider, so it was {how}")))
 }
 
 async fn attempt<'c>(
@@ -166,17 +191,13 @@ async fn attempt<'c>(
     }
     // Admission succeeds only for configured models, which always have a route.
     let route = route.ok_or_else(|| Failure::Final(Error::Internal(format!("model '{model}' admitted without a route"))))?;
+    let mut governed = Call::new(kernel, &admission, &route.upstream_model);
     let stream = on_chunk.is_some();
+    let embeddings = call.endpoint == Endpoint::Embeddings;
 
     let mut body = body.clone();
     body["model"] = Value::String(route.upstream_model.clone());
-    match call.endpoint {
-        Endpoint::ChatCompletions if body.get("max_tokens").is_none() && body.get("max_completion_tokens").is_none() => {
-            body["max_tokens"] = admission.max_output_tokens.into();
-        }
-        Endpoint::Responses if body.get("max_output_tokens").is_none() => body["max_output_tokens"] = admission.max_output_tokens.into(),
-        _ => {}
-    }
+    cap_output(call.endpoint, &mut body, admission.max_output_tokens);
     if stream {
         body["stream"] = Value::Bool(true);
         if call.endpoint == Endpoint::ChatCompletions {
@@ -187,98 +208,120 @@ async fn attempt<'c>(
     }
 
     let state = kernel.dispatch_state();
+    let timeout = state.options.request_timeout;
     let client = state.client().map_err(Failure::Final)?;
-    let mut req = client.post(&route.url).json(&body).timeout(state.options.request_timeout);
+    let mut req = client.post(&route.url).json(&body);
     if let Some(key) = &route.key {
         req = req.bearer_auth(key);
     }
-    let failed = |why: String| {
-        let _ = kernel.fail(id, &why);
-        Failure::Retryable(why)
-    };
-    let response = match req.send().await {
-        Ok(r) => r,
-        Err(e) if e.is_timeout() => {
-            // The request may have reached the provider: charge the reservation (estimated).
-            let _ = kernel.commit_estimated(id, Usage::new(admission.input_tokens, admission.max_output_tokens));
-            return Err(Failure::Retryable(format!("{model}: timed out")));
+    let response = match tokio::time::timeout(timeout, req.send()).await {
+        Ok(Ok(r)) => {
+            governed.sent();
+            r
         }
-        Err(e) => return Err(failed(format!("{model}: cannot reach the provider ({})", e.without_url()))),
+        Ok(Err(e)) if e.is_connect() => {
+            // Nothing was written: the reservation returns, and another try costs nothing.
+            let _ = governed.end(Ending::Interrupted("cannot connect".into()));
+            return Err(Failure::Retryable(format!("{model}: cannot reach the provider ({})", e.without_url())));
+        }
+        Ok(Err(e)) => {
+            governed.sent();
+            let why = format!("the connection failed after the request was sent ({})", e.without_url());
+            return Err(charged(model, &why, governed.end(Ending::Interrupted(why.clone()))));
+        }
+        Err(_) => {
+            governed.sent();
+            let why = format!("no answer within {} ms", timeout.as_millis());
+            return Err(charged(model, &why, governed.end(Ending::Interrupted(why.clone()))));
+        }
     };
     let status = response.status();
-    if status.as_u16() == 429 {
-        let _ = kernel.fail(id, "provider 429");
-        let retry_after_ms = response
-            .headers()
-            .get("retry-after-ms")
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .or_else(|| Some(response.headers().get("retry-after")?.to_str().ok()?.parse::<f64>().ok()? as u64 * 1000))
-            .unwrap_or(1_000);
-        return Err(Failure::Final(Error::RateLimited { window: RateWindow::Provider, limit: 0, retry_after_ms }));
-    }
-    if status.is_server_error() {
-        return Err(failed(format!("{model}: provider answered {status}")));
-    }
     if !status.is_success() {
-        let _ = kernel.fail(id, &format!("provider answered {status}"));
-        return Err(Failure::Final(Error::invalid("request", format!("the provider refused it with {status}"))));
+        let refused = Ending::Refused { status: status.as_u16() };
+        if status.as_u16() == 429 {
+            let retry_after_ms = response
+                .headers()
+                .get("retry-after-ms")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .or_else(|| Some(response.headers().get("retry-after")?.to_str().ok()?.parse::<f64>().ok()? as u64 * 1000))
+                .unwrap_or(1_000);
+            governed.end(refused).map_err(Failure::Final)?;
+            return Err(Failure::Final(Error::RateLimited { window: RateWindow::Provider, limit: 0, retry_after_ms }));
+        }
+        governed.end(refused).map_err(Failure::Final)?;
+        return Err(if status.is_server_error() {
+            Failure::Retryable(format!("{model}: provider answered {status}"))
+        } else if status.is_redirection() {
+            Failure::Final(Error::Unavailable(format!("{model}: the provider answered a redirect ({status}); aex does not follow redirects")))
+        } else {
+            Failure::Final(Error::invalid("request", format!("the provider refused it with {status}")))
+        });
     }
 
     let Some(on_chunk) = on_chunk else {
-        let value: Value = match response.json().await {
-            Ok(v) => v,
-            Err(e) if e.is_timeout() => {
-                let _ = kernel.commit_estimated(id, Usage::new(admission.input_tokens, admission.max_output_tokens));
-                return Err(Failure::Retryable(format!("{model}: timed out")));
+        let bytes = match tokio::time::timeout(timeout, response.bytes()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                let why = format!("its answer was cut ({})", e.without_url());
+                return Err(charged(model, &why, governed.end(Ending::Interrupted(why.clone()))));
             }
-            Err(e) => return Err(failed(format!("{model}: unreadable response ({})", e.without_url()))),
+            Err(_) => {
+                let why = format!("its answer did not arrive within {} ms", timeout.as_millis());
+                return Err(charged(model, &why, governed.end(Ending::Interrupted(why.clone()))));
+            }
         };
-        let usage = value.get("usage").and_then(|u| {
-            let mut u = usage_of(u)?;
-            if call.endpoint == Endpoint::Embeddings {
-                u.output_tokens = 0;
-            }
-            Some(u)
+        let Ok(value) = serde_json::from_slice::<Value>(&bytes) else {
+            let why = format!("its answer ({status}) is not JSON");
+            return Err(charged(model, &why, governed.end(Ending::Interrupted(why.clone()))));
+        };
+        governed.output(&output_of(&value));
+        if let Some(u) = value.get("usage") {
+            governed.usage(u, embeddings);
+        }
+        let settled = governed.end(Ending::Completed).map_err(Failure::Final)?;
+        let raw = String::from_utf8_lossy(&bytes).into_owned();
+        return Ok(ProviderReply {
+            response: value,
+            raw,
+            model: model.to_string(),
+            settlement: settled.settlement,
+            attempts: 1,
+            estimated: settled.estimated,
         });
-        let (settlement, estimated) = settle(kernel, id, model, usage, &output_text(&value), admission.input_tokens)?;
-        return Ok(ProviderReply { response: value, model: model.to_string(), settlement, attempts: 1, estimated });
     };
 
-    // Streaming: pass each payload through; keep usage and text for the settlement.
+    // Streaming: pass each payload through; feed the call its output and usage. A gap between
+    // chunks longer than the timeout ends the stream.
     let mut lines = Lines::default();
-    let mut usage = None;
-    let mut text = String::new();
     let mut bytes = response.bytes_stream();
     let mut done = false;
     let mut abandoned = false;
     let mut cut = None;
-    'read: while let Some(chunk) = bytes.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                cut = Some(format!("{model}: the stream was cut ({})", e.without_url()));
+    'read: loop {
+        let chunk = match tokio::time::timeout(timeout, bytes.next()).await {
+            Ok(Some(Ok(c))) => c,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                cut = Some(format!("the stream was cut ({})", e.without_url()));
+                break;
+            }
+            Err(_) => {
+                cut = Some(format!("the stream stalled for {} ms", timeout.as_millis()));
                 break;
             }
         };
         for data in lines.feed(&chunk) {
+            if data.is_empty() {
+                continue; // a keep-alive (`event: ping`) carries no payload
+            }
             if data == "[DONE]" {
                 done = true;
                 break 'read;
             }
             if let Ok(v) = serde_json::from_str::<Value>(&data) {
-                if let Some(u) = v.get("usage").filter(|u| !u.is_null()).and_then(usage_of) {
-                    usage = Some(u);
-                }
-                if let Some(u) = v.pointer("/response/usage").and_then(usage_of) {
-                    usage = Some(u);
-                }
-                for c in v.get("choices").and_then(Value::as_array).into_iter().flatten() {
-                    if let Some(t) = c.pointer("/delta/content").and_then(Value::as_str) {
-                        text.push_str(t);
-                    }
-                }
-                if v.get("type").and_then(Value::as_str) == Some("response.output_text.delta") {
-                    text.push_str(v.get("delta").and_then(Value::as_str).unwrap_or(""));
+                governed.output(&output_of(&v));
+                if let Some(u) = v.get("usage").filter(|u| !u.is_null()).or_else(|| v.pointer("/response/usage")) {
+                    governed.usage(u, embeddings);
                 }
             }
             if !on_chunk(&data) {
@@ -287,10 +330,23 @@ async fn attempt<'c>(
             }
         }
     }
-    let complete = (done || usage.is_some()) && !abandoned && cut.is_none();
-    let (settlement, estimated) = settle(kernel, id, model, if complete { usage } else { None }, &text, admission.input_tokens)?;
-    if let Some(why) = cut.or_else(|| (!done && !abandoned && usage.is_none()).then(|| format!("{model}: the stream ended early"))) {
-        return Err(Failure::Final(Error::Unavailable(format!("{why}; settled from the counted output"))));
+    let complete = (done || governed.has_usage()) && !abandoned && cut.is_none();
+    let early = cut.or_else(|| (!complete && !abandoned).then(|| "the stream ended early".to_string()));
+    let ending = match (&early, abandoned) {
+        (Some(why), _) => Ending::Interrupted(why.clone()),
+        (None, true) => Ending::Interrupted("abandoned by the caller".into()),
+        (None, false) => Ending::Completed,
+    };
+    let settled = governed.end(ending).map_err(Failure::Final)?;
+    if let Some(why) = early {
+        return Err(Failure::Final(Error::Unavailable(format!("{model}: {why}; settled from the counted output"))));
     }
-    Ok(ProviderReply { response: Value::Null, model: model.to_string(), settlement, attempts: 1, estimated })
+    Ok(ProviderReply {
+        response: Value::Null,
+        raw: String::new(),
+        model: model.to_string(),
+        settlement: settled.settlement,
+        attempts: 1,
+        estimated: settled.estimated,
+    })
 }

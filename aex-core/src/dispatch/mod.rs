@@ -13,20 +13,26 @@
 //! never reach the ledger, logs or errors.
 //!
 //! **One governed call.** The request is admitted exactly as [`crate::Kernel::admit`] would (its
-//! model, messages, output cap, tools, streaming and images), marked dispatched, sent with the
-//! reserved output cap injected when it set none (so the provider cannot exceed the
-//! reservation), and settled from the provider's `usage`. A response without usage, or a stream
-//! that is cut off or abandoned, is settled from the counted output, marked estimated.
+//! model, messages, output cap, tools, streaming and images), marked dispatched, and sent with
+//! its output cap (`max_tokens` / `max_completion_tokens` / `max_output_tokens`) set to the
+//! reservation's, whatever the body asked — more, `null` or nothing — so what is sent never asks
+//! for more than was reserved. Multipliers of the output (`n`, `best_of` above 1) are refused.
+//! How the attempt settles is decided by [`crate::call::Call`], which this module only feeds
+//! (sent, output and tool-call arguments, usage, how it ended).
 //!
-//! **Failures.** Connection errors and provider error statuses settle the attempt as failed (its
-//! reservation returns: no completion was produced). A timeout after the request was sent is
-//! settled at its full reservation, because the provider may have billed. A provider 429 ends the
-//! call with [`Error::RateLimited`] (`provider_rate_limit`) carrying the provider's retry-after.
-//! Retryable failures (connection errors, 5xx, timeouts) are retried up to `max_retries` times
-//! with jittered exponential backoff, then the model's `fallbacks` are tried in order. Every
-//! attempt is its own execution (`ID`, `ID.retry1`, `ID.fallback1`, ...), so each is a complete
-//! story in the ledger. Once a stream has delivered a chunk it is never retried, and an execution
-//! id that was admitted before is never sent again (`Conflict`, `idempotency_conflict`).
+//! **Failures.** Only failures that cost nothing are retried: a connection that could not be
+//! made (nothing was written: released) and a provider 5xx (refused before work: failed). A
+//! provider 429 ends the call with [`Error::RateLimited`] (`provider_rate_limit`) and its
+//! retry-after; a 3xx (redirects are never followed: they would re-send the prompt elsewhere) or
+//! another 4xx ends it too, reservation returned. Everything after the request may have been
+//! written — a connection lost after sending, no answer within `request_timeout`, a 2xx whose
+//! body cannot be read or is not JSON, a stream cut or stalled — is charged (from the counted
+//! output, or at the full reservation when nothing was seen), reported as
+//! [`Error::Unavailable`], and never retried. Retries use jittered exponential backoff, then the
+//! model's `fallbacks` are tried in order; with a passthrough key only fallbacks of the same
+//! provider are. Every attempt is its own execution (`ID`, `ID.retry1`, `ID.fallback1`, ...), and
+//! an execution id that was admitted before is never sent again (`Conflict`,
+//! `idempotency_conflict`).
 
 mod http;
 mod sse;
@@ -39,7 +45,7 @@ use serde_json::Value;
 
 use crate::admission::{AdmitRequest, Message};
 use crate::error::{Error, PolicyRule, Result};
-use crate::settlement::{Settlement, Usage};
+use crate::settlement::Settlement;
 use crate::Kernel;
 
 /// Which OpenAI-compatible endpoint a call goes to.
@@ -81,8 +87,9 @@ impl Endpoint {
 pub struct DispatchOptions {
     /// How long to wait for a connection.
     pub connect_timeout: Duration,
-    /// How long a whole non-streaming request may take; for a stream, how long until the
-    /// response starts.
+    /// How long until the provider's answer starts; then, for a plain call, how long its body
+    /// may take, and for a stream, the longest gap between two chunks (a healthy stream of any
+    /// length is never cut).
     pub request_timeout: Duration,
     /// Retries of a retryable failure on the same model before moving to a fallback.
     pub max_retries: u32,
@@ -124,9 +131,11 @@ impl ProviderCall {
 /// The outcome of a governed call.
 #[derive(Debug, Clone)]
 pub struct ProviderReply {
-    /// The provider's response body, unchanged (`Null` for a stream: its chunks went to the
+    /// The provider's response body, parsed (`Null` for a stream: its chunks went to the
     /// callback).
     pub response: Value,
+    /// The provider's response body exactly as it sent it (empty for a stream).
+    pub raw: String,
     /// The model that answered (the requested one, or a fallback).
     pub model: String,
     /// The execution that was settled.
@@ -210,6 +219,18 @@ pub(crate) fn admit_request(endpoint: Endpoint, body: &Value, execution_id: &str
             Some(v) => Some(v.as_i64().ok_or_else(|| Error::invalid(max_key, "must be an integer"))?),
         }
     };
+    for multiplier in ["n", "best_of"] {
+        match body.get(multiplier) {
+            None | Some(Value::Null) => {}
+            Some(v) if v.as_i64() == Some(1) => {}
+            Some(v) => {
+                return Err(Error::invalid(
+                    multiplier,
+                    format!("must be 1 (got {v}): aex reserves for one completion per call, and several would exceed it"),
+                ));
+            }
+        }
+    }
     let tools = body.get("tools").or_else(|| body.get("functions")).and_then(Value::as_array).is_some_and(|t| !t.is_empty());
     Ok(AdmitRequest {
         execution_id: Some(execution_id.to_string()),
@@ -222,31 +243,6 @@ pub(crate) fn admit_request(endpoint: Endpoint, body: &Value, execution_id: &str
         vision,
         passthrough,
     })
-}
-
-/// `(input, output, cached input)` tokens from an OpenAI-style `usage` object of any endpoint.
-pub(crate) fn usage_of(usage: &Value) -> Option<Usage> {
-    let n = |v: Option<&Value>| v.and_then(Value::as_i64);
-    let input = n(usage.get("prompt_tokens")).or_else(|| n(usage.get("input_tokens")))?;
-    let output = n(usage.get("completion_tokens")).or_else(|| n(usage.get("output_tokens"))).unwrap_or(0);
-    let cached = n(usage.pointer("/prompt_tokens_details/cached_tokens"))
-        .or_else(|| n(usage.pointer("/input_tokens_details/cached_tokens")))
-        .unwrap_or(0);
-    Some(Usage { input_tokens: input, output_tokens: output, cached_input_tokens: cached.min(input) })
-}
-
-/// The text a response produced, for counting when it reports no usage.
-pub(crate) fn output_text(response: &Value) -> String {
-    let mut out = String::new();
-    for c in response.get("choices").and_then(Value::as_array).into_iter().flatten() {
-        if let Some(t) = c.pointer("/message/content").and_then(Value::as_str) {
-            out.push_str(t);
-        }
-    }
-    if let Some(t) = response.get("output_text").and_then(Value::as_str) {
-        out.push_str(t);
-    }
-    out
 }
 
 impl Kernel {
