@@ -173,3 +173,65 @@ def test_a_config_others_can_write_is_refused(tmp_path):
         assert e.field == "config" and "writable by other users" in str(e), str(e)
     else:
         raise AssertionError("a world-writable config was loaded")
+
+
+# A notebook's connection stays open while kernels come and go (a helper that opens aex.Kernel
+# per call): closing aex's files must not drop that connection's locks, or it loses its own
+# writes and reads stale counters, and the database can be corrupted.
+REOPENING = textwrap.dedent(
+    """
+    import gc, os, sqlite3, sys, aex
+    db, models = sys.argv[1], sys.argv[2]
+    k = aex.Kernel(db, config=models)
+    token = k.create_agent("a", "10.00", rpm=1_000_000)
+    del k
+    gc.collect()
+    S = sqlite3.connect(db)
+    S.execute("create table notebook (n)")
+    S.commit()
+    for cycle in range(1, 4):
+        k = aex.Kernel(db, config=models)
+        a = k.admit(token, "mini", input_tokens=1000, max_output_tokens=500)
+        k.mark_dispatched(a["execution_id"])
+        k.commit(a["execution_id"], input_tokens=1000, output_tokens=500)
+        del k, a
+        gc.collect()
+        S.execute("insert into notebook values (?)", (cycle,))
+        S.commit()
+        print(S.execute("select spent_micro from agents").fetchone()[0], flush=True)
+    os.kill(os.getpid(), 9)
+    """
+)
+
+
+def _reopening(db, models, env):
+    proc = subprocess.run([sys.executable, "-c", REOPENING, db, str(models)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return [int(line) for line in proc.stdout.split()]
+
+
+def test_kernels_opened_and_closed_under_an_open_stdlib_connection_leave_its_locks(db, tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text(MODELS)
+    env = {k: v for k, v in os.environ.items() if k != "AEX_UNSAFE_CLASSIC_LOCKS"}
+    seen = _reopening(db, models, env)
+    assert seen == [PER_CALL, 2 * PER_CALL, 3 * PER_CALL], "the notebook read stale counters"
+    import sqlite3
+
+    with sqlite3.connect(db) as c:
+        assert c.execute("select count(*) from notebook").fetchone() == (3,), "the notebook's writes were lost"
+        assert c.execute("pragma integrity_check").fetchone() == ("ok",)
+    k = aex.Kernel(db, config_yaml=MODELS)
+    assert k.agent("a")["spent_micro"] == 3 * PER_CALL
+    assert k.audit()["clean"]
+
+
+def test_the_control_kernels_closing_with_classic_locks_do_drop_them(db, tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text(MODELS)
+    seen = _reopening(db, models, dict(os.environ, AEX_UNSAFE_CLASSIC_LOCKS="1"))
+    import sqlite3
+
+    with sqlite3.connect(db) as c:
+        notebook = c.execute("select count(*) from notebook").fetchone()[0]
+    assert seen != [PER_CALL, 2 * PER_CALL, 3 * PER_CALL] or notebook != 3, "classic locks lost nothing: the test above cannot see the hazard"

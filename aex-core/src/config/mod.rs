@@ -302,18 +302,15 @@ fn validate_provider(name: &str, p: &Provider) -> Result<()> {
     Ok(())
 }
 
-/// Whether an `http://` URL's host is this machine: `localhost`, `127.0.0.0/8` or `[::1]`.
+/// Whether an `http://` URL's host is this machine: `localhost`, `127.0.0.0/8` or `[::1]`. Parsed
+/// by the same WHATWG rules the HTTP client follows (so `http://evil\\@127.0.0.1/` is `evil`).
 fn is_loopback_url(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = if let Some(v6) = host_port.strip_prefix('[') {
-        v6.split(']').next().unwrap_or_default()
-    } else {
-        host_port.split(':').next().unwrap_or_default()
-    };
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    match url::Url::parse(url).ok().and_then(|u| u.host().map(|h| h.to_owned())) {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 fn validate_limits(l: &Limits) -> Result<()> {
@@ -327,4 +324,38 @@ fn validate_limits(l: &Limits) -> Result<()> {
         return Err(Error::invalid(format!("limits.model_tokens_per_minute.{m}"), "must be at least 1"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_never_goes_over_plain_http_to_another_host() {
+        let with = |url: &str, key: Option<&str>| validate_provider("p", &Provider { base_url: url.into(), api_key_env: key.map(Into::into) });
+        for ok in [
+            "https://api.example.com/v1",
+            "http://127.0.0.1:11434/v1",
+            "http://localhost/v1",
+            "http://LOCALHOST/v1",
+            "http://[::1]:8080/v1",
+            "http://127.8.9.1/v1",
+            "http://user@127.0.0.1/v1",
+        ] {
+            with(ok, Some("KEY")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        with("http://llm.example.com/v1", None).unwrap();
+        for bad in [
+            "http://llm.example.com/v1",
+            "http://10.0.0.5:8000/v1",
+            "http://localhost.example.com/v1",
+            "http://127.0.0.1@evil.example/v1",
+            "http://evil.example\\@127.0.0.1/v1",
+            "http://evil.example\\@localhost/v1",
+            "http://0.0.0.0/v1",
+        ] {
+            let e = with(bad, Some("KEY")).err().unwrap_or_else(|| panic!("{bad} was accepted"));
+            assert!(matches!(&e, Error::InvalidRequest { field, .. } if field == "providers.p.base_url"), "{bad}: {e}");
+        }
+    }
 }

@@ -272,20 +272,17 @@ fn check_depth(text: &str) -> Result<()> {
                 return too_deep(i + 1);
             }
         }
-        let mut quote: Option<char> = None;
-        for c in line.chars() {
-            match (quote, c) {
-                (Some(q), c) if c == q => quote = None,
-                (Some(_), _) => {}
-                (None, '"' | '\'') => quote = Some(c),
-                (None, '#') => break,
-                (None, '[' | '{') => {
+        // Every bracket counts, quoted or after a `#`: a plain scalar may hold either, and
+        // counting too many only refuses a file no models.yaml resembles.
+        for c in line.bytes() {
+            match c {
+                b'[' | b'{' => {
                     flow += 1;
                     if indents.len() + flow > MAX_DEPTH {
                         return too_deep(i + 1);
                     }
                 }
-                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                b']' | b'}' => flow = flow.saturating_sub(1),
                 _ => {}
             }
         }
@@ -300,7 +297,8 @@ mod tests {
     #[test]
     fn deep_nesting_is_refused_before_parsing() {
         let started = std::time::Instant::now();
-        for text in ["models: ".to_string() + &"[".repeat(200_000), "a: ".to_string() + &"{b: ".repeat(40)] {
+        let hidden = |opener: &str| format!("models: [{opener}, {}{}]", "[".repeat(50_000), "]".repeat(50_000));
+        for text in ["models: ".to_string() + &"[".repeat(200_000), "a: ".to_string() + &"{b: ".repeat(40), hidden("a#b"), hidden("it's")] {
             let e = Config::from_yaml(&text).unwrap_err();
             assert!(e.to_string().contains("nested deeper than 32 levels"), "{e}");
         }

@@ -20,6 +20,21 @@ pub(super) fn open_private(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
+/// Creates `path` as an empty `0600` file if it does not exist. An existing file is not opened
+/// at all: closing a descriptor of it would drop the classic locks another copy of SQLite in this
+/// process holds on it (see `ofd`).
+pub(super) fn create_private(path: &Path) -> io::Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// What is unsafe about the permissions of the database at `db` and its side files: each
 /// existing file that is group/other accessible or owned by another user, and a directory that
 /// others may write to (they could replace the files) — one sentence each, with the fix.
@@ -89,6 +104,20 @@ pub fn check_config_file(path: &Path) -> Result<(), String> {
                 "{} is writable by other users (mode {:04o}); run chmod go-w on it",
                 path.display(),
                 meta.mode() & 0o777
+            ));
+        }
+        // Whoever may write the directory may replace the file (a sticky directory stops that).
+        let dir = std::fs::canonicalize(path).ok().and_then(|p| p.parent().map(Path::to_path_buf));
+        if let Some(dir) = dir
+            && let Ok(d) = std::fs::metadata(&dir)
+            && d.mode() & 0o022 != 0
+            && d.mode() & 0o1000 == 0
+        {
+            return Err(format!(
+                "{} is in {}, which other users may write (mode {:04o}): they could replace it",
+                path.display(),
+                dir.display(),
+                d.mode() & 0o777
             ));
         }
     }

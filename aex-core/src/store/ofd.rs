@@ -31,6 +31,12 @@
 //! last of aex's descriptors of the file closes (SQLite only closes a file's last descriptor when
 //! it holds no lock on it, so nothing is dropped early).
 //!
+//! **Closing without unlocking others.** The other direction matters as much: closing *any*
+//! descriptor of a file drops every classic lock the process holds on it — including the other
+//! copy's. So when aex's SQLite closes a descriptor of a file on which classic locks of this
+//! process exist (`/proc/locks`), the descriptor is kept open ("parked") and closed later, once
+//! they are gone; and aex never opens and closes the database file itself.
+//!
 //! **Where it applies.** Linux (OFD locks since 3.15). Elsewhere, or on a kernel that refuses
 //! `F_OFD_GETLK`, aex keeps SQLite's classic locks, and the hazard stays: there, open the database
 //! from another copy of SQLite only in another process. [`active`] says which is in force.
@@ -84,6 +90,16 @@ mod imp {
     struct Table {
         pid: u32,
         files: Vec<(FileId, Entry)>,
+        /// Descriptors SQLite closed while another copy of SQLite in this process held classic
+        /// locks on the same file: closing them would have dropped those locks (see
+        /// [`aex_ofd_close`]). Closed once no such lock remains.
+        parked: Vec<(FileId, c_int)>,
+    }
+
+    impl Table {
+        fn new(pid: u32) -> Table {
+            Table { pid, files: Vec::new(), parked: Vec::new() }
+        }
     }
 
     static TABLE: Mutex<Option<Table>> = Mutex::new(None);
@@ -188,7 +204,7 @@ mod imp {
         let id = file_id(fd)?;
         let pid = std::process::id();
         let mut guard = TABLE.lock();
-        let table = guard.get_or_insert_with(|| Table { pid, files: Vec::new() });
+        let table = guard.get_or_insert_with(|| Table::new(pid));
         if table.pid != pid {
             // A forked child opening its own connection: the inherited lock descriptors are
             // shared with the parent, so they cannot stand for this process. Start afresh.
@@ -196,7 +212,7 @@ mod imp {
                 // SAFETY: descriptors this table opened.
                 unsafe { libc::close(entry.lock_fd) };
             }
-            *table = Table { pid, files: Vec::new() };
+            *table = Table::new(pid);
         }
         if let Some((_, entry)) = table.files.iter_mut().find(|(f, _)| *f == id) {
             if !entry.users.contains(&fd) {
@@ -242,26 +258,94 @@ mod imp {
         rc
     }
 
-    /// SQLite's `close`: forgets `fd`, and closes the file's lock descriptor (dropping its locks)
-    /// when `fd` was the last of SQLite's descriptors of that file.
-    extern "C" fn aex_ofd_close(fd: c_int) -> c_int {
-        {
-            let mut guard = TABLE.lock();
-            if let Some(table) = guard.as_mut().filter(|t| t.pid == std::process::id())
-                && let Some(at) = table.files.iter().position(|(_, e)| e.users.contains(&fd))
-            {
-                let entry = &mut table.files[at].1;
-                entry.users.retain(|&u| u != fd);
-                if entry.users.is_empty() {
-                    let lock_fd = entry.lock_fd;
-                    table.files.swap_remove(at);
-                    // SAFETY: a descriptor this table opened and no longer lists.
-                    unsafe { libc::close(lock_fd) };
+    /// Whether some process's classic POSIX lock on the file `id` is owned by `pid`, from
+    /// `/proc/locks` (`N: POSIX ADVISORY READ|WRITE PID MAJ:MIN:INODE START END`). When the
+    /// table cannot be read, `true`: keeping a descriptor open is the safe mistake.
+    fn classic_locks_held(id: FileId, pid: u32) -> bool {
+        let Ok(table) = std::fs::read_to_string("/proc/locks") else { return true };
+        let file = format!("{:02x}:{:02x}:{}", libc::major(id.0), libc::minor(id.0), id.1);
+        let pid = pid.to_string();
+        table.lines().any(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Blocked waiters are listed as "N: -> POSIX ..."; they hold nothing.
+            f.len() >= 6 && f[1] == "POSIX" && f[4] == pid && f[5] == file
+        })
+    }
+
+    /// Closes the parked descriptors of files no copy of SQLite in this process holds a classic
+    /// lock on any more.
+    fn reap(table: &mut Table) {
+        let pid = table.pid;
+        let mut still: Vec<(FileId, c_int)> = Vec::new();
+        let mut checked: Vec<(FileId, bool)> = Vec::new();
+        for (id, fd) in std::mem::take(&mut table.parked) {
+            let held = match checked.iter().find(|(f, _)| *f == id) {
+                Some((_, held)) => *held,
+                None => {
+                    let held = classic_locks_held(id, pid);
+                    checked.push((id, held));
+                    held
                 }
+            };
+            if held {
+                still.push((id, fd));
+            } else {
+                // SAFETY: a descriptor this table kept open in SQLite's stead.
+                unsafe { libc::close(fd) };
             }
         }
-        // SAFETY: SQLite's own descriptor, closed as it asked.
-        unsafe { libc::close(fd) }
+        table.parked = still;
+    }
+
+    /// Closes what the table parked, where that is now safe; called when aex opens a database.
+    pub(super) fn reap_parked() {
+        if let Some(table) = TABLE.lock().as_mut().filter(|t| t.pid == std::process::id() && !t.parked.is_empty()) {
+            reap(table);
+        }
+    }
+
+    /// SQLite's `close`. Forgets `fd`, with the file's lock descriptor when `fd` was the last of
+    /// SQLite's descriptors of that file. Then closes them — unless another copy of SQLite in
+    /// this process holds classic POSIX locks on the file: closing *any* descriptor of a file
+    /// drops all of the process's classic locks on it, which would silently unlock that copy
+    /// (it could then lose its writes, or overwrite aex's). Such descriptors are parked, still
+    /// open, and closed when aex next closes or opens a file and the locks are gone. (SQLite
+    /// itself defers its own closes the same way, for its own connections.)
+    extern "C" fn aex_ofd_close(fd: c_int) -> c_int {
+        let pid = std::process::id();
+        let id = file_id(fd).ok();
+        let mut guard = TABLE.lock();
+        let table = guard.get_or_insert_with(|| Table::new(pid));
+        if table.pid != pid {
+            *table = Table::new(pid);
+        }
+        let mut closing = vec![fd];
+        if let Some(at) = table.files.iter().position(|(_, e)| e.users.contains(&fd)) {
+            let entry = &mut table.files[at].1;
+            entry.users.retain(|&u| u != fd);
+            if entry.users.is_empty() {
+                closing.push(entry.lock_fd);
+                table.files.swap_remove(at);
+            }
+        }
+        if let Some(id) = id
+            && classic_locks_held(id, pid)
+        {
+            table.parked.extend(closing.into_iter().map(|f| (id, f)));
+            return 0;
+        }
+        if !table.parked.is_empty() {
+            reap(table);
+        }
+        let mut rc = 0;
+        for f in closing {
+            // SAFETY: SQLite's own descriptor, closed as it asked, and the table's lock descriptor.
+            let r = unsafe { libc::close(f) };
+            if f == fd {
+                rc = r;
+            }
+        }
+        rc
     }
 }
 
@@ -269,5 +353,15 @@ mod imp {
 mod imp {
     pub(super) fn install() -> bool {
         false
+    }
+
+    pub(super) fn reap_parked() {}
+}
+
+/// Closes descriptors parked because another copy of SQLite held classic locks, where that is
+/// now safe (see `aex_ofd_close`).
+pub(crate) fn reap_parked() {
+    if *INSTALLED.get().unwrap_or(&false) {
+        imp::reap_parked();
     }
 }

@@ -298,10 +298,15 @@ impl SqliteStore {
         // Before aex's SQLite opens its first file: lock so that other copies of SQLite in this
         // process see aex's locks (see `ofd`).
         super::ofd::active();
-        let warnings = files::warnings(path);
+        super::ofd::reap_parked();
         // Created private before SQLite opens it, so the WAL and shm files (which SQLite creates
         // with the database's mode) are private too.
-        files::open_private(path).map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        files::create_private(path).map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        // One file, one lock file: reached through a symlink or another path, the database is
+        // locked and checked where SQLite keeps its WAL, beside the real file.
+        let real = std::fs::canonicalize(path).map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let path = real.as_path();
+        let warnings = files::warnings(path);
         let conn = Connection::open(path).map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         let mut lock_path = path.as_os_str().to_owned();
         lock_path.push(".lock");
