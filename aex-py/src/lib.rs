@@ -58,6 +58,83 @@ struct PySettlement {
     replayed: bool,
 }
 
+/// One provider call in flight (`aex_core::call::Call`): the guard and the integrations feed it
+/// (sent, output, usage) and end it; it alone decides whether the call is charged or released,
+/// by the money rules. Ended exactly once; one that is garbage-collected unended settles as
+/// interrupted. Thread-safe (one lock).
+#[pyclass(frozen, name = "Call", module = "aex._aex")]
+struct PyCall {
+    call: std::sync::Mutex<Option<aex_core::call::Call>>,
+}
+
+impl PyCall {
+    fn with<T>(&self, py: Python<'_>, f: impl FnOnce(&mut aex_core::call::Call) -> T) -> PyResult<T> {
+        let mut guard = self.call.lock().map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("the call's lock is poisoned"))?;
+        match guard.as_mut() {
+            Some(call) => Ok(f(call)),
+            None => Err(err(py, &aex_core::Error::Conflict { reason: aex_core::ConflictReason::InvalidTransition, message: "this call has already ended".into() })),
+        }
+    }
+}
+
+#[pymethods]
+impl PyCall {
+    #[getter]
+    fn execution_id(&self, py: Python<'_>) -> PyResult<String> {
+        self.with(py, |c| c.execution_id().to_string())
+    }
+
+    /// The request may have reached the provider.
+    fn sent(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, aex_core::call::Call::sent)
+    }
+
+    /// Output the provider produced (text, tool-call arguments), for counting.
+    fn output(&self, py: Python<'_>, text: &str) -> PyResult<()> {
+        self.with(py, |c| c.output(text))
+    }
+
+    /// The provider's reported token counts.
+    #[pyo3(signature = (input_tokens, output_tokens, cached_input_tokens=None))]
+    fn reported(&self, py: Python<'_>, input_tokens: &Bound<'_, PyAny>, output_tokens: &Bound<'_, PyAny>, cached_input_tokens: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let usage = Usage {
+            input_tokens: convert::int(py, "input_tokens", input_tokens)?,
+            output_tokens: convert::int(py, "output_tokens", output_tokens)?,
+            cached_input_tokens: convert::opt_int(py, "cached_input_tokens", cached_input_tokens)?.unwrap_or(0),
+        };
+        self.with(py, |c| c.reported(usage))
+    }
+
+    /// Ends the call: `how` is `completed`, `interrupted` (`detail` says why), `failed` (the
+    /// provider failed before doing work; `detail` says how) or `refused` (`status`). Returns the
+    /// settlement and whether aex estimated it.
+    #[pyo3(signature = (how, detail="", status=0))]
+    fn end(&self, py: Python<'_>, how: &str, detail: &str, status: u16) -> PyResult<(PySettlement, bool)> {
+        use aex_core::call::Ending;
+        let ending = match how {
+            "completed" => Ending::Completed,
+            "interrupted" => Ending::Interrupted(detail.to_string()),
+            "failed" => Ending::Failed(detail.to_string()),
+            "refused" => Ending::Refused { status },
+            _ => return Err(invalid(py, "how", format!("must be completed, interrupted, failed or refused, got '{how}'"))),
+        };
+        let call = self
+            .call
+            .lock()
+            .map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("the call's lock is poisoned"))?
+            .take()
+            .ok_or_else(|| err(py, &aex_core::Error::Conflict { reason: aex_core::ConflictReason::InvalidTransition, message: "this call has already ended".into() }))?;
+        let settled = detach(py, move || call.end(ending))?;
+        Ok((PySettlement::from(settled.settlement), settled.estimated))
+    }
+
+    /// Whether the call has ended.
+    #[getter]
+    fn ended(&self) -> bool {
+        self.call.lock().map_or(true, |c| c.is_none())
+    }
+}
+
 impl From<aex_core::Admission> for PyAdmission {
     fn from(a: aex_core::Admission) -> Self {
         PyAdmission {
@@ -329,6 +406,13 @@ impl Kernel_ {
         detach(py, || self.kernel.admit(token, &request)).map(PyAdmission::from)
     }
 
+    /// The call object of an admitted execution (see `Call`).
+    fn call(&self, py: Python<'_>, execution_id: &str) -> PyResult<PyCall> {
+        let kernel = self.kernel.clone();
+        let call = detach(py, || aex_core::call::Call::for_execution(&kernel, execution_id))?;
+        Ok(PyCall { call: std::sync::Mutex::new(Some(call)) })
+    }
+
     fn mark_dispatched(&self, py: Python<'_>, execution_id: &str) -> PyResult<()> {
         detach(py, || self.kernel.mark_dispatched(execution_id)).map(drop)
     }
@@ -570,6 +654,7 @@ fn _aex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Kernel_>()?;
     m.add_class::<PyAdmission>()?;
     m.add_class::<PySettlement>()?;
+    m.add_class::<PyCall>()?;
     m.add_function(wrap_pyfunction!(check_config, m)?)?;
     m.add_function(wrap_pyfunction!(usd_to_micro, m)?)?;
     m.add_function(wrap_pyfunction!(format_usd, m)?)?;

@@ -188,48 +188,76 @@ class Kernel(_aex.Kernel):
 
 
 class Guard:
-    """One guarded call. Use with ``with`` or ``async with``.
+    """One guarded call. Use with ``with`` or ``async with``; a guard admits one call.
 
-    Inside the block call :meth:`commit` with the provider's usage. If the block ends cleanly
-    without committing, the call is settled at its full reservation (never under-charged). If it
-    raises, the reservation is released and the exception propagates.
+    Inside the block call :meth:`dispatched` when the request leaves for the provider, and
+    :meth:`commit` with the provider's usage. How the call settles is decided by the kernel's call
+    object (``aex._aex.Call``) from what the guard tells it, by the money rules:
+
+    - :meth:`commit` with usage charges that usage; with none (the provider reported nothing),
+      the output counted through :meth:`output`, or else the full reservation, marked estimated;
+    - :meth:`fail` returns the reservation (the provider failed before doing any work);
+    - a clean exit without either charges the full reservation (never under-charged);
+    - an exception releases the reservation if the call was never :meth:`dispatched`, and charges
+      it (counted output, or the full reservation) if it was: it may have reached the provider;
+    - a guard garbage-collected without exiting settles like an exception.
+
+    A settlement made outside the guard (``kernel.commit`` / ``kernel.fail`` on its execution id)
+    stands, and the guard's exit reports it instead of raising.
     """
 
-    __slots__ = ("_kernel", "_token", "_model", "_request", "admission", "settlement")
+    __slots__ = ("_kernel", "_token", "_model", "_request", "_call", "_fed", "admission", "settlement")
 
     def __init__(self, kernel: Kernel, token: str, model: str, request: dict[str, Any]) -> None:
         self._kernel = kernel
         self._token = token
         self._model = model
         self._request = request
+        self._call: Optional[_aex.Call] = None
+        self._fed = False
         self.admission: Optional[_aex.Admission] = None
         self.settlement: Optional[_aex.Settlement] = None
 
-    def _admitted(self) -> _aex.Admission:
-        if self.admission is None:
+    def _admitted(self) -> _aex.Call:
+        if self._call is None:
             raise RuntimeError("the guard has not been entered")
-        return self.admission
+        return self._call
 
     @property
     def execution_id(self) -> str:
-        return self._admitted().execution_id
+        if self.admission is None:
+            raise RuntimeError("the guard has not been entered")
+        return self.admission.execution_id
 
     @property
     def max_output_tokens(self) -> int:
         """The output cap reserved for: pass it to the provider as ``max_tokens``."""
-        return self._admitted().max_output_tokens
+        if self.admission is None:
+            raise RuntimeError("the guard has not been entered")
+        return self.admission.max_output_tokens
 
     def __enter__(self) -> "Guard":
+        if self.admission is not None:
+            raise RuntimeError("a guard admits one call: make a new guard for the next one")
         request = self._request
         if "messages" in request or "tools" in request or "vision" in request:
             self.admission = self._kernel.admit_call(self._token, self._model, **request)
         else:  # the fast path: nothing to normalize
             self.admission = self._kernel.admit(self._token, self._model, **request)
+        self._call = self._kernel.call(self.admission.execution_id)
         return self
 
     def dispatched(self) -> None:
-        """Records that the call left the process (an expired reservation is then charged)."""
+        """Records that the call left the process: from now on it ends charged (an expired
+        reservation is charged in full, and an exception no longer releases it)."""
+        call = self._admitted()
         self._kernel.mark_dispatched(self.execution_id)
+        call.sent()
+
+    def output(self, text: str) -> None:
+        """Output the provider produced (text, tool-call arguments), counted if no usage comes."""
+        self._admitted().output(text)
+        self._fed = True
 
     def commit(
         self,
@@ -239,14 +267,31 @@ class Guard:
         output_tokens: Optional[int] = None,
         cached_input_tokens: Optional[int] = None,
     ) -> _aex.Settlement:
-        """Settles at the real usage (see :meth:`Kernel.commit`)."""
-        self.settlement = self._kernel.commit(
-            self._admitted().execution_id,
-            usage,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cached_input_tokens=cached_input_tokens,
-        )
+        """Settles the call: at the provider's usage (an OpenAI usage object, a LangChain
+        ``usage_metadata`` dict, or the counts as keywords); with none, estimated (see the class
+        docs)."""
+        call = self._admitted()
+        call.sent()  # a call with an answer to settle reached the provider
+        if usage is not None:
+            input_tokens, output_tokens, cached_input_tokens = usage_tokens(usage)
+        if input_tokens is None and output_tokens is None:
+            # No usage: the counted output if there is some, else the full reservation.
+            return self._end("completed" if self._fed else "interrupted", "the provider reported no usage")
+        # A missing or malformed count is refused here (InvalidRequest naming it); the call stays
+        # open, and the guard's exit then charges it in full.
+        call.reported(cast(int, input_tokens), cast(int, output_tokens), cached_input_tokens)
+        return self._end("completed")
+
+    def fail(self, error: str = "") -> _aex.Settlement:
+        """The provider failed before doing any work (an error response): the reservation returns."""
+        self._admitted()
+        return self._end("failed", error or "failed")
+
+    def _end(self, how: str, detail: str = "") -> _aex.Settlement:
+        call = self._admitted()
+        if self.settlement is not None:
+            return self.settlement
+        self.settlement, _ = call.end(how, detail)
         return self.settlement
 
     def __exit__(
@@ -255,13 +300,13 @@ class Guard:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        a = self.admission
-        if self.settlement is not None or a is None:
+        if self._call is None or self.settlement is not None or self._call.ended:
             return None
         if exc_type is None:
-            self.settlement = self._kernel.commit_tokens(a.execution_id, a.input_tokens, a.max_output_tokens)
+            self._call.sent()  # the block ran to its end: the call was made
+            self._end("interrupted", "the block ended without a usage report")
         else:
-            self.settlement = self._kernel.release(a.execution_id, f"exception: {exc_type.__name__}")
+            self._end("interrupted", f"exception: {exc_type.__name__}")
         return None
 
     async def __aenter__(self) -> "Guard":

@@ -36,6 +36,9 @@ pub enum Ending {
         /// The status it answered.
         status: u16,
     },
+    /// The caller reports that the provider failed before doing any work (an error response it
+    /// received); why, for the ledger.
+    Failed(String),
     /// The call ended in doubt: a stream cut or abandoned, a timeout after sending, an unreadable
     /// answer, a cancellation. Why, for the ledger.
     Interrupted(String),
@@ -84,6 +87,33 @@ impl Call {
         }
     }
 
+    /// A call for an execution admitted earlier (by id), as the bindings hold it: the output is
+    /// counted with the model's configured provider name.
+    ///
+    /// # Errors
+    /// [`crate::Error::NotFound`] for an unknown execution; the store's errors.
+    pub fn for_execution(kernel: &Kernel, execution_id: &str) -> Result<Call> {
+        let e = kernel.execution(execution_id)?;
+        let config = kernel.config();
+        let count_model = config.model(&e.model).map_or(e.model.as_str(), |spec| spec.upstream_name(&e.model)).to_string();
+        let mut call = Call {
+            kernel: kernel.clone(),
+            execution_id: e.id.clone(),
+            count_model,
+            input_tokens: e.input_tokens,
+            max_output_tokens: e.max_output_tokens,
+            sent: e.dispatched_at_ms.is_some(),
+            output: String::new(),
+            usage: None,
+            bad_usage: false,
+            ended: false,
+        };
+        if !e.state.is_open() {
+            call.ended = true; // already settled: nothing left to do on drop
+        }
+        Ok(call)
+    }
+
     /// The execution id.
     pub fn execution_id(&self) -> &str {
         &self.execution_id
@@ -105,14 +135,24 @@ impl Call {
     /// full reservation. `embeddings` usage reports no output.
     pub fn usage(&mut self, usage: &Value, embeddings: bool) {
         match usage_of(usage) {
-            Some(mut u) if u.validate().is_ok() => {
+            Some(mut u) => {
                 if embeddings {
                     u.output_tokens = 0;
                 }
-                self.usage = Some(u);
+                self.reported(u);
             }
-            _ if usage.is_null() => {}
-            _ => self.bad_usage = true,
+            None if usage.is_null() => {}
+            None => self.bad_usage = true,
+        }
+    }
+
+    /// Token counts the provider reported, already read from its usage object. Counts out of
+    /// range are not trusted (the call then settles at its full reservation).
+    pub fn reported(&mut self, usage: Usage) {
+        if usage.validate().is_ok() {
+            self.usage = Some(usage);
+        } else {
+            self.bad_usage = true;
         }
     }
 
@@ -131,10 +171,26 @@ impl Call {
     }
 
     fn settle(&mut self, ending: Ending) -> Result<Settled> {
+        let result = self.decide(ending);
+        if let Err(crate::Error::Conflict { .. }) = &result
+            && let Ok(e) = self.kernel.execution(&self.execution_id)
+            && !e.state.is_open()
+        {
+            // Settled elsewhere meanwhile (the caller's own `commit` or `fail`): that stands.
+            return Ok(Settled { settlement: Settlement::of(&e, true), estimated: false });
+        }
+        result
+    }
+
+    fn decide(&mut self, ending: Ending) -> Result<Settled> {
         let k = &self.kernel;
         let id = self.execution_id.as_str();
         if !self.sent {
-            return Ok(Settled { settlement: k.release(id, "not sent")?, estimated: false });
+            let why = match &ending {
+                Ending::Interrupted(why) | Ending::Failed(why) => why.as_str(),
+                Ending::Refused { .. } | Ending::Completed => "not sent",
+            };
+            return Ok(Settled { settlement: k.release(id, why)?, estimated: false });
         }
         let full = Usage::new(self.input_tokens, self.max_output_tokens);
         let counted = || Usage::new(self.input_tokens, count_text_tokens(&self.count_model, &self.output).min(MAX_TOKENS));
@@ -143,6 +199,7 @@ impl Call {
             (Ending::Refused { status }, _, _) => {
                 Ok(Settled { settlement: k.fail(id, &format!("provider answered {status}"))?, estimated: false })
             }
+            (Ending::Failed(why), _, _) => Ok(Settled { settlement: k.fail(id, &why)?, estimated: false }),
             (_, _, true) => estimate(full),
             (_, Some(u), false) => Ok(Settled { settlement: k.commit(id, u)?, estimated: false }),
             (Ending::Completed, None, false) => estimate(counted()),
