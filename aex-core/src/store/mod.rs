@@ -17,6 +17,7 @@ use crate::auth::TokenHash;
 use crate::error::Result;
 use crate::execution::Execution;
 use crate::ledger::{Event, Head};
+use crate::outside::Seal;
 use crate::rate::Bucket;
 use crate::team::Team;
 
@@ -87,6 +88,11 @@ pub trait Tx {
     fn set_token(&mut self, agent_id: i64, token: &TokenHash, prefix: &str, expires_at_ms: Option<i64>) -> Result<()>;
     /// Deletes an agent row.
     fn delete_agent(&mut self, agent_id: i64) -> Result<()>;
+    /// An agent's stored token digest and its seal (`None` when the row has none), or `None`
+    /// without the row (see [`crate::outside`]).
+    fn agent_seal(&mut self, agent_id: i64) -> Result<Option<(TokenHash, Option<Seal>)>>;
+    /// Writes an agent's seal.
+    fn set_agent_seal(&mut self, agent_id: i64, text: &str, tag: &[u8]) -> Result<()>;
 
     /// The team with this name.
     fn team_by_name(&mut self, name: &str) -> Result<Option<Team>>;
@@ -105,9 +111,15 @@ pub trait Tx {
     fn delete_team(&mut self, team_id: i64) -> Result<()>;
     /// How many agents and teams belong to a team.
     fn team_members(&mut self, team_id: i64) -> Result<i64>;
+    /// A team's seal, `None` when it has none.
+    fn team_seal(&mut self, team_id: i64) -> Result<Option<Seal>>;
+    /// Writes a team's seal.
+    fn set_team_seal(&mut self, team_id: i64, text: &str, tag: &[u8]) -> Result<()>;
 
     /// The rate buckets of `scope` from `from_second` on, in any order.
     fn rate_buckets(&mut self, scope: &str, from_second: i64) -> Result<Vec<Bucket>>;
+    /// Every scope's rate buckets from `from_second` on, in any order.
+    fn all_rate_buckets(&mut self, from_second: i64) -> Result<Vec<(String, Bucket)>>;
     /// Adds to (or creates) one rate bucket.
     fn rate_add(&mut self, scope: &str, second: i64, requests: i64, tokens: i64) -> Result<()>;
     /// Deletes a scope's buckets before `before_second`.

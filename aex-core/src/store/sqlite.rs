@@ -41,6 +41,7 @@ use crate::config::Prices;
 use crate::error::{ConflictReason, Error, Result};
 use crate::execution::{Execution, ExecutionState};
 use crate::ledger::{Event, Head};
+use crate::outside::Seal;
 use crate::settlement::Usage;
 
 /// How hard each commit is pushed to disk.
@@ -199,6 +200,12 @@ CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+", r"
+-- Seals: each row's power fields as aex last wrote them, with their tag (see `outside`).
+ALTER TABLE agents ADD COLUMN seal TEXT;
+ALTER TABLE agents ADD COLUMN seal_tag BLOB;
+ALTER TABLE teams ADD COLUMN seal TEXT;
+ALTER TABLE teams ADD COLUMN seal_tag BLOB;
 "];
 
 /// The SQLite implementation of [`Store`]. `Send + Sync`; share it behind an `Arc`.
@@ -622,14 +629,21 @@ fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
     })
 }
 
+/// A 32-byte digest column. A tampered value of the wrong length still loads (padded or cut), so
+/// the check that reads it reports the mismatch.
+fn blob32(v: Vec<u8>) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let n = v.len().min(32);
+    out[..n].copy_from_slice(&v[..n]);
+    out
+}
+
+/// A seal from its two columns; `None` when either is missing.
+fn seal_from(text: Option<String>, tag: Option<Vec<u8>>) -> Option<Seal> {
+    Some(Seal { text: text?, tag: tag? })
+}
+
 fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
-    let blob32 = |v: Vec<u8>| {
-        // A tampered hash of the wrong length still loads; audit reports the mismatch.
-        let mut out = [0u8; 32];
-        let n = v.len().min(32);
-        out[..n].copy_from_slice(&v[..n]);
-        out
-    };
     Ok(Event {
         seq: r.get::<_, i64>(0)?.max(0) as u64,
         ts_ms: r.get(1)?,
@@ -765,6 +779,22 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn agent_seal(&mut self, agent_id: i64) -> Result<Option<(TokenHash, Option<Seal>)>> {
+        Ok(self
+            .0
+            .prepare_cached("SELECT token_hash, seal, seal_tag FROM agents WHERE id = ?1")?
+            .query_row([agent_id], |r| {
+                let token: Vec<u8> = r.get(0)?;
+                Ok((TokenHash(blob32(token)), seal_from(r.get(1)?, r.get(2)?)))
+            })
+            .optional()?)
+    }
+
+    fn set_agent_seal(&mut self, agent_id: i64, text: &str, tag: &[u8]) -> Result<()> {
+        self.0.prepare_cached("UPDATE agents SET seal = ?2, seal_tag = ?3 WHERE id = ?1")?.execute(params![agent_id, text, tag])?;
+        Ok(())
+    }
+
     fn team_by_name(&mut self, name: &str) -> Result<Option<Team>> {
         Ok(self.0.prepare_cached(select_teams!("WHERE name = ?1"))?.query_row([name], team_from_row).optional()?)
     }
@@ -818,6 +848,28 @@ impl Tx for SqliteTx<'_> {
             "SELECT (SELECT COUNT(*) FROM agents WHERE team_id = ?1) + (SELECT COUNT(*) FROM teams WHERE parent_id = ?1)",
         )?
         .query_row([team_id], |r| r.get(0))?)
+    }
+
+    fn team_seal(&mut self, team_id: i64) -> Result<Option<Seal>> {
+        Ok(self
+            .0
+            .prepare_cached("SELECT seal, seal_tag FROM teams WHERE id = ?1")?
+            .query_row([team_id], |r| Ok(seal_from(r.get(0)?, r.get(1)?)))
+            .optional()?
+            .flatten())
+    }
+
+    fn set_team_seal(&mut self, team_id: i64, text: &str, tag: &[u8]) -> Result<()> {
+        self.0.prepare_cached("UPDATE teams SET seal = ?2, seal_tag = ?3 WHERE id = ?1")?.execute(params![team_id, text, tag])?;
+        Ok(())
+    }
+
+    fn all_rate_buckets(&mut self, from_second: i64) -> Result<Vec<(String, Bucket)>> {
+        let mut stmt = self.0.prepare("SELECT scope, second, requests, tokens FROM rate_buckets WHERE second >= ?1")?;
+        let rows = stmt.query_map([from_second], |r| {
+            Ok((r.get(0)?, Bucket { second: r.get(1)?, requests: r.get(2)?, tokens: r.get(3)? }))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     fn rate_buckets(&mut self, scope: &str, from_second: i64) -> Result<Vec<Bucket>> {
