@@ -153,7 +153,7 @@ fn loosened_counters_and_reenabling_are_refused_and_named() {
         ("UPDATE agents SET expires_at_ms = 1 WHERE name = 'atlas'", AuditRule::Policy, "expires_at_ms"),
         ("UPDATE agents SET scope = 'read-only' WHERE name = 'atlas'", AuditRule::Policy, "scope"),
         ("UPDATE agents SET seal = NULL WHERE name = 'atlas'", AuditRule::Policy, "seal"),
-        ("UPDATE agents SET seal = replace(seal, '\"rpm\":100', '\"rpm\":1000'), rpm = 1000 WHERE name = 'atlas'", AuditRule::Policy, "rpm"),
+        ("UPDATE agents SET seal = replace(seal, ',100,', ',1000,'), rpm = 1000 WHERE name = 'atlas'", AuditRule::Policy, "rpm"),
     ];
     both(|key| {
         for (sql, rule, field) in cases {

@@ -15,7 +15,7 @@
 //! ## One mechanism: the seal
 //!
 //! Each `agents` and `teams` row carries a **seal**: the row's power fields ([`AGENT_FIELDS`],
-//! [`TEAM_FIELDS`]) as aex last wrote them, as canonical JSON, with a tag
+//! [`TEAM_FIELDS`]) as aex last wrote them, as a canonical JSON array in that order, with a tag
 //! `link(zero, ["aex seal", table, id, text])` computed by the ledger's [`ChainHasher`] — an
 //! HMAC under the ledger key, so whoever can write the file without the key cannot forge a seal
 //! (without a key it is a plain SHA-256, which catches careless edits only, like the chain).
@@ -194,20 +194,20 @@ impl Recorded {
         self.table.fields().iter().copied().zip(&self.values)
     }
 
-    /// Canonical text: a JSON object with the fields in order.
+    /// Canonical text: a compact JSON array of the values in field order (short, because it is
+    /// stored in the row and hashed on every load).
     pub fn text(&self) -> String {
-        let mut out = String::with_capacity(320);
-        out.push('{');
-        for (i, (field, value)) in self.iter().enumerate() {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(256);
+        out.push('[');
+        for (i, value) in self.values.iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }
-            out.push('"');
-            out.push_str(field);
-            out.push_str("\":");
-            out.push_str(&value.to_string());
+            // Writing to a String cannot fail; `Value`'s Display is compact JSON.
+            let _ = write!(out, "{value}");
         }
-        out.push('}');
+        out.push(']');
         out
     }
 
@@ -216,11 +216,10 @@ impl Recorded {
         Value::Object(self.iter().map(|(f, v)| (f.to_string(), v.clone())).collect())
     }
 
-    /// Parses a seal's text; `None` unless it holds every field of `table`.
+    /// Parses a seal's text; `None` unless it holds one value per field of `table`.
     pub fn parse(table: Table, text: &str) -> Option<Recorded> {
-        let mut map: serde_json::Map<String, Value> = serde_json::from_str(text).ok()?;
-        let values = table.fields().iter().map(|f| map.remove(*f)).collect::<Option<Vec<_>>>()?;
-        Some(Recorded { table, values })
+        let values: Vec<Value> = serde_json::from_str(text).ok()?;
+        (values.len() == table.fields().len()).then_some(Recorded { table, values })
     }
 
     fn name(&self) -> &str {
@@ -293,9 +292,17 @@ pub struct Seal {
     pub tag: Vec<u8>,
 }
 
-/// The tag that authenticates a seal's text for one row.
+/// The tag that authenticates a seal's text for one row: the ledger hasher's link from the zero
+/// hash over `aex seal NUL table NUL id NUL text` (ledger rows hash JSON arrays, which start with
+/// `[`, so the two can never be confused).
 pub fn tag(hasher: &ChainHasher, table: Table, id: i64, text: &str) -> [u8; 32] {
-    let bytes = serde_json::to_vec(&("aex seal", table.noun(), id, text)).unwrap_or_default();
+    let mut bytes = Vec::with_capacity(text.len() + 32);
+    bytes.extend_from_slice(b"aex seal\0");
+    bytes.extend_from_slice(table.noun().as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(id.to_string().as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(text.as_bytes());
     hasher.link(&GENESIS_HASH, &bytes)
 }
 
@@ -408,9 +415,9 @@ impl<'t> Guard<'t> {
         Ok(())
     }
 
-    /// The sealed state of a row this closure is about to write, verifying it first if it has
-    /// not been loaded yet.
-    fn sealed(&mut self, table: Table, id: i64) -> Result<Option<Recorded>> {
+    /// Makes sure a row this closure is about to write was verified (loading it if it was not),
+    /// and returns whether it exists.
+    fn ensure_seen(&mut self, table: Table, id: i64) -> Result<bool> {
         if !self.seen.contains_key(&(table, id)) {
             match table {
                 Table::Agents => {
@@ -421,6 +428,12 @@ impl<'t> Guard<'t> {
                 }
             }
         }
+        Ok(self.seen.contains_key(&(table, id)))
+    }
+
+    /// The sealed state of a row this closure is about to write.
+    fn sealed(&mut self, table: Table, id: i64) -> Result<Option<Recorded>> {
+        self.ensure_seen(table, id)?;
         Ok(self.seen.get(&(table, id)).cloned())
     }
 
@@ -433,6 +446,26 @@ impl<'t> Guard<'t> {
             self.seal(table, id, rec)?;
         }
         Ok(())
+    }
+
+    /// Writes a row's counters and its new seal in one statement: the hot path of admission and
+    /// settlement.
+    fn write_counters(&mut self, table: Table, id: i64, spent: i64, reserved: i64) -> Result<()> {
+        if !self.ensure_seen(table, id)? {
+            return match table {
+                Table::Agents => self.tx.update_counters(id, spent, reserved),
+                Table::Teams => self.tx.update_team_counters(id, spent, reserved),
+            };
+        }
+        let Some(rec) = self.seen.get_mut(&(table, id)) else { return Ok(()) };
+        rec.set("spent_micro", json!(spent));
+        rec.set("reserved_micro", json!(reserved));
+        let text = rec.text();
+        let tag = tag(self.hasher, table, id, &text);
+        match table {
+            Table::Agents => self.tx.update_counters_sealed(id, spent, reserved, &text, &tag),
+            Table::Teams => self.tx.update_team_counters_sealed(id, spent, reserved, &text, &tag),
+        }
     }
 
     /// Checks every agent and team row, recording operator edits; rows found tampered are
@@ -498,7 +531,8 @@ impl Tx for Guard<'_> {
         Ok(id)
     }
     fn update_agent(&mut self, agent: &Agent) -> Result<()> {
-        let token = self.sealed(Table::Agents, agent.id)?.and_then(|r| r.get("token_hash").cloned());
+        self.ensure_seen(Table::Agents, agent.id)?;
+        let token = self.seen.get(&(Table::Agents, agent.id)).and_then(|r| r.get("token_hash").cloned());
         self.tx.update_agent(agent)?;
         if let Some(Value::String(token)) = token {
             self.seal(Table::Agents, agent.id, Recorded::of_agent(agent, &token))?;
@@ -506,9 +540,7 @@ impl Tx for Guard<'_> {
         Ok(())
     }
     fn update_counters(&mut self, agent_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()> {
-        self.sealed(Table::Agents, agent_id)?;
-        self.tx.update_counters(agent_id, spent_micro, reserved_micro)?;
-        self.reseal(Table::Agents, agent_id, &[("spent_micro", json!(spent_micro)), ("reserved_micro", json!(reserved_micro))])
+        self.write_counters(Table::Agents, agent_id, spent_micro, reserved_micro)
     }
     fn set_token(&mut self, agent_id: i64, token: &TokenHash, prefix: &str, expires_at_ms: Option<i64>) -> Result<()> {
         self.sealed(Table::Agents, agent_id)?;
@@ -548,9 +580,7 @@ impl Tx for Guard<'_> {
         self.reseal(Table::Teams, team_id, &[("budget_micro", json!(budget_micro))])
     }
     fn update_team_counters(&mut self, team_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()> {
-        self.sealed(Table::Teams, team_id)?;
-        self.tx.update_team_counters(team_id, spent_micro, reserved_micro)?;
-        self.reseal(Table::Teams, team_id, &[("spent_micro", json!(spent_micro)), ("reserved_micro", json!(reserved_micro))])
+        self.write_counters(Table::Teams, team_id, spent_micro, reserved_micro)
     }
     fn delete_team(&mut self, team_id: i64) -> Result<()> {
         self.tx.delete_team(team_id)?;

@@ -84,6 +84,11 @@ pub trait Tx {
     fn update_agent(&mut self, agent: &Agent) -> Result<()>;
     /// Writes only an agent's counters.
     fn update_counters(&mut self, agent_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()>;
+    /// Writes an agent's counters and its seal (one statement where the store can).
+    fn update_counters_sealed(&mut self, agent_id: i64, spent_micro: i64, reserved_micro: i64, text: &str, tag: &[u8]) -> Result<()> {
+        self.update_counters(agent_id, spent_micro, reserved_micro)?;
+        self.set_agent_seal(agent_id, text, tag)
+    }
     /// Replaces an agent's token.
     fn set_token(&mut self, agent_id: i64, token: &TokenHash, prefix: &str, expires_at_ms: Option<i64>) -> Result<()>;
     /// Deletes an agent row.
@@ -107,6 +112,11 @@ pub trait Tx {
     fn update_team_budget(&mut self, team_id: i64, budget_micro: i64) -> Result<()>;
     /// Writes a team's counters.
     fn update_team_counters(&mut self, team_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()>;
+    /// Writes a team's counters and its seal.
+    fn update_team_counters_sealed(&mut self, team_id: i64, spent_micro: i64, reserved_micro: i64, text: &str, tag: &[u8]) -> Result<()> {
+        self.update_team_counters(team_id, spent_micro, reserved_micro)?;
+        self.set_team_seal(team_id, text, tag)
+    }
     /// Deletes a team row.
     fn delete_team(&mut self, team_id: i64) -> Result<()>;
     /// How many agents and teams belong to a team.
