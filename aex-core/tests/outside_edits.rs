@@ -420,3 +420,25 @@ fn severing_from_another_process() {
         });
     });
 }
+
+#[test]
+fn rows_written_before_seals_are_sealed_once_on_open() {
+    both(|key| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aex.db");
+        let (k, token) = with_activity(&path, key);
+        k.create_team(&TeamSpec::new("ops", 1_000)).unwrap();
+        drop(k);
+        // As a database from before seals: no seal columns filled, no mark.
+        let c = shell(&path);
+        c.execute_batch("UPDATE agents SET seal = NULL, seal_tag = NULL; UPDATE teams SET seal = NULL, seal_tag = NULL; DELETE FROM meta WHERE key = 'sealed';").unwrap();
+        let k = open(&path, key).unwrap();
+        assert_eq!(events_of_kind(&k, "agent.recorded").len(), 1);
+        assert_eq!(events_of_kind(&k, "team.recorded").len(), 1);
+        k.admit(&token, &req()).unwrap();
+        assert_clean(&k);
+        // Once sealed, a missing seal is tampering again.
+        c.execute("UPDATE agents SET seal = NULL", []).unwrap();
+        assert_tampered(k.admit(&token, &req()), "seal");
+    });
+}
