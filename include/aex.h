@@ -153,7 +153,8 @@ const char *aex_error_reason(const aex_error *err);
 // `err` must be NULL or a live `aex_error`. NULL gives "".
 const char *aex_error_message(const aex_error *err);
 
-// For `AEX_INVALID_REQUEST`, the field at fault; otherwise NULL. Lives as long as `err`.
+// For `AEX_INVALID_REQUEST`, the field at fault; for `AEX_UNAVAILABLE` with reason `tampered`,
+// the column or setting found tampered; otherwise NULL. Lives as long as `err`.
 //
 // # Safety
 // `err` must be NULL or a live `aex_error`.

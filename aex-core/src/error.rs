@@ -207,6 +207,17 @@ pub enum Error {
     /// The store is busy beyond its timeout, or an I/O operation failed (503).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The database was changed behind aex's back in a way that grants power or rewrites
+    /// history (503): a row disagrees with the ledger in a loosening direction, a row's seal is
+    /// missing or forged, or the stored ledger mode contradicts the key given. aex refuses to act
+    /// on it (see [`crate::outside`]); nothing was changed.
+    #[error("tampered ({field}): {message}")]
+    Tampered {
+        /// The column or setting at fault, e.g. `"token_hash"`, `"seal"` or `"ledger_mode"`.
+        field: String,
+        /// Which row, what was found and what the ledger says.
+        message: String,
+    },
 }
 
 impl Error {
@@ -221,7 +232,7 @@ impl Error {
             Error::Conflict { .. } => 409,
             Error::RateLimited { .. } => 429,
             Error::Internal(_) => 500,
-            Error::Unavailable(_) => 503,
+            Error::Unavailable(_) | Error::Tampered { .. } => 503,
         }
     }
 
@@ -238,6 +249,7 @@ impl Error {
             Error::RateLimited { window, .. } => window.as_str(),
             Error::Internal(_) => "internal",
             Error::Unavailable(_) => "unavailable",
+            Error::Tampered { .. } => "tampered",
         }
     }
 

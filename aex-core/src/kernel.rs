@@ -18,6 +18,7 @@ use crate::execution::Execution;
 use crate::ledger::audit::{self, AuditReport};
 use crate::ledger::{self, ChainHasher, Event, EventKind, Head, NewEvent};
 use crate::money;
+use crate::outside::Guard;
 use crate::reconcile::{self, ReconcileReport};
 use crate::settlement::{self, Settlement, Terminal, Usage};
 use crate::store::{SqliteStore, Store, StoreOptions, Tx};
@@ -41,6 +42,8 @@ macro_rules! or_answer {
 }
 const META_LEDGER_KEY_CHECK: &str = "ledger_key_check";
 const META_CONFIG_HASH: &str = "config_hash";
+/// Set once every agent and team row carries a seal (see [`crate::outside`]).
+const META_SEALED: &str = "sealed";
 
 /// How to open a kernel. `Debug` never shows the ledger key.
 #[derive(Clone)]
@@ -185,6 +188,7 @@ impl Kernel {
         kernel.check_ledger_mode()?;
         kernel.options_config_valid()?;
         kernel.record_initial_config()?;
+        kernel.seal_unsealed()?;
         kernel.reconcile()?;
         Ok(kernel)
     }
@@ -193,12 +197,29 @@ impl Kernel {
         self.config().validate()
     }
 
+    /// Checks the stored ledger mode against the key given. With a key, the mode is never taken
+    /// from the database: whoever can write the file can also write `sha256` there and re-forge
+    /// the chain without the key, so a keyed open of a database that says `sha256` (or says
+    /// nothing while it holds events) is refused as tampered, never reopened without the key.
     fn check_ledger_mode(&self) -> Result<()> {
         let hasher = &self.inner.hasher;
         self.write(|tx| {
             let mode = tx.meta(META_LEDGER_MODE)?;
             let check = tx.meta(META_LEDGER_KEY_CHECK)?.unwrap_or_default();
+            let keyed = matches!(hasher, ChainHasher::Hmac(_));
             match mode {
+                Some(m) if keyed && m != hasher.mode() => Ok(Err(Error::Tampered {
+                    field: "ledger_mode".into(),
+                    message: format!(
+                        "a ledger key was given but this database says its ledger is '{m}': either it was created \
+                         without a key, or its mode was rewritten to drop the key; a keyed ledger is never reopened \
+                         without its key"
+                    ),
+                })),
+                None if keyed && tx.ledger_head()?.is_some() => Ok(Err(Error::Tampered {
+                    field: "ledger_mode".into(),
+                    message: "this database's ledger has events but no recorded mode".into(),
+                })),
                 None => {
                     tx.set_meta(META_LEDGER_MODE, hasher.mode())?;
                     tx.set_meta(META_LEDGER_KEY_CHECK, &hasher.key_check())?;
@@ -237,11 +258,16 @@ impl Kernel {
         Ok(())
     }
 
-    fn write<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<Result<T>> + Send) -> Result<T> {
+    /// Every write transaction sees the store through a [`Guard`]: agent and team rows are
+    /// checked against their seals when loaded and re-sealed when written (see
+    /// [`crate::outside`]).
+    fn write<T: Send>(&self, mut f: impl FnMut(&mut Guard<'_>) -> Result<Result<T>> + Send) -> Result<T> {
         self.check_process()?;
+        let hasher = &self.inner.hasher;
+        let now = self.now();
         let mut out = None;
         self.inner.store.write(&mut |tx| {
-            out = Some(f(tx)?);
+            out = Some(f(&mut Guard::new(tx, hasher, now))?);
             Ok(())
         })?;
         out.unwrap_or_else(|| Err(Error::Internal("transaction produced no result".into())))
@@ -315,6 +341,8 @@ impl Kernel {
                 Err(e) => return Err(e),
             };
             let data = json!({
+                "token_sha256": hex::encode(token.hash().0),
+                "expires_at_ms": agent.expires_at_ms,
                 "scope": spec.scope.as_str(),
                 "rpm": spec.rpm,
                 "tpm": spec.tpm,
@@ -453,7 +481,7 @@ impl Kernel {
             }
             let expires = agent.ttl_ms.map(|t| now.saturating_add(t));
             tx.set_token(agent.id, &token.hash(), token.display_prefix(), expires)?;
-            let data = json!({ "ttl_ms": agent.ttl_ms, "expires_at_ms": expires });
+            let data = json!({ "token_sha256": hex::encode(token.hash().0), "ttl_ms": agent.ttl_ms, "expires_at_ms": expires });
             ledger::append(tx, hasher, now, NewEvent::agent(EventKind::TokenRotated, name, 0, data))?;
             Ok(Ok(()))
         })?;
@@ -787,6 +815,18 @@ impl Kernel {
         self.write(|tx| reconcile::expire_due(tx, &self.inner.hasher, None, now).map(Ok))
     }
 
+    /// Seals the rows of a database written before seals existed, each recorded as a baseline
+    /// event; once done, the store is marked and a row without a seal is tampering.
+    fn seal_unsealed(&self) -> Result<()> {
+        self.write(|tx| {
+            if tx.meta(META_SEALED)?.is_none() {
+                tx.seal_unsealed()?;
+                tx.set_meta(META_SEALED, "1")?;
+            }
+            Ok(Ok(()))
+        })
+    }
+
     /// How many write operations this kernel's store has run in this process, and in how many
     /// transactions (fewer when group commit shares them between threads).
     pub fn write_stats(&self) -> crate::store::WriteStats {
@@ -845,7 +885,13 @@ impl Kernel {
     ///
     /// # Errors
     /// Store errors only: what the audit finds is in the report.
+    ///
+    /// First, one write transaction reads every agent and team row, so restricting edits made
+    /// outside aex since the last transaction that read them are recorded (see
+    /// [`crate::outside`]) and show in the ledger the audit verifies.
     pub fn audit(&self, anchor: Option<&Head>) -> Result<AuditReport> {
-        self.read(|tx| audit::run(tx, &self.inner.hasher, anchor))
+        self.write(|tx| tx.sweep().map(Ok))?;
+        let now = self.now();
+        self.read(|tx| audit::run(tx, &self.inner.hasher, anchor, now))
     }
 }

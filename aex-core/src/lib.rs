@@ -37,6 +37,7 @@
 //! | [`settlement`] | terminal states, exactly once |
 //! | [`reconcile`] | expiry of abandoned reservations |
 //! | [`ledger`] | the hash chain, `audit` and replay |
+//! | [`outside`] | edits made behind aex's back: operator actions, tampering, the seals |
 //! | [`store`] | the `Store` trait and the SQLite store |
 //! | `dispatch` | governed provider calls over HTTP (feature `dispatch`, on by default) |
 //! | [`clock`] | time, replaceable in tests |
@@ -62,6 +63,7 @@ pub mod execution;
 mod kernel;
 pub mod ledger;
 pub mod money;
+pub mod outside;
 pub mod policy;
 pub mod rate;
 pub mod reconcile;

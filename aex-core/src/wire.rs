@@ -230,6 +230,7 @@ pub fn audit_json(r: &AuditReport) -> Value {
             "seq": f.seq,
             "agent": f.agent,
             "execution_id": f.execution_id,
+            "field": f.field,
             "message": f.message,
         })),
     })
@@ -248,7 +249,7 @@ pub fn error_json(e: &Error) -> Value {
             v["retry_after_ms"] = json!(retry_after_ms);
             v["limit"] = json!(limit);
         }
-        Error::InvalidRequest { field, .. } => v["field"] = json!(field),
+        Error::InvalidRequest { field, .. } | Error::Tampered { field, .. } => v["field"] = json!(field),
         _ => {}
     }
     v

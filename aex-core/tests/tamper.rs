@@ -132,7 +132,7 @@ fn removing_the_newest_event_is_found_by_an_anchor() {
 fn edited_counters_are_found_with_the_agent_named() {
     let cases: &[(&str, AuditRule, &str)] = &[
         ("UPDATE agents SET spent_micro = spent_micro - 1 WHERE name = 'atlas'", AuditRule::Counters, "atlas"),
-        ("UPDATE agents SET budget_micro = 10 WHERE name = 'beta'", AuditRule::Counters, "beta"),
+        ("UPDATE agents SET budget_micro = 1000 WHERE name = 'beta'", AuditRule::Counters, "beta"),
         ("UPDATE agents SET reserved_micro = 7 WHERE name = 'beta'", AuditRule::Counters, "beta"),
         ("UPDATE executions SET cost_micro = 1 WHERE id = 'e1'", AuditRule::Execution, "atlas"),
         ("UPDATE executions SET state = 'RESERVED' WHERE id = 'e2'", AuditRule::Execution, "beta"),
@@ -204,6 +204,8 @@ fn without_a_key_a_recomputed_chain_still_fails_replay() {
     let path = dir.path().join("aex.db");
     let k = history(&path, None);
     reforge_with_sha256(&k, &path, 6);
-    let f = expect(&k, AuditRule::Execution, None);
+    // The lowered commit no longer matches its usage at the prices its reservation froze.
+    let f = expect(&k, AuditRule::Event, Some(6));
     assert_eq!(f.execution_id.as_deref(), Some("e1"));
+    assert!(f.message.contains("at the prices reserved"), "{f}");
 }

@@ -65,7 +65,7 @@ impl aex_error {
         };
         // Exhaustive on purpose: a new variant must be mapped here before this builds.
         match e {
-            Error::InvalidRequest { field, .. } => out.field = Some(cstring(field)),
+            Error::InvalidRequest { field, .. } | Error::Tampered { field, .. } => out.field = Some(cstring(field)),
             Error::InsufficientBudget { needed_micro, remaining_micro, team, .. } => {
                 out.needed_micro = *needed_micro;
                 out.remaining_micro = *remaining_micro;
@@ -167,7 +167,8 @@ pub unsafe extern "C" fn aex_error_message(err: *const aex_error) -> *const c_ch
     unsafe { err.as_ref() }.map_or(c"".as_ptr(), |e| e.message.as_ptr())
 }
 
-/// For `AEX_INVALID_REQUEST`, the field at fault; otherwise NULL. Lives as long as `err`.
+/// For `AEX_INVALID_REQUEST`, the field at fault; for `AEX_UNAVAILABLE` with reason `tampered`,
+/// the column or setting found tampered; otherwise NULL. Lives as long as `err`.
 ///
 /// # Safety
 /// `err` must be NULL or a live `aex_error`.

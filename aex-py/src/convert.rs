@@ -19,7 +19,7 @@ fn class_name(e: &Error) -> &'static str {
         Error::Conflict { .. } => "Conflict",
         Error::RateLimited { .. } => "RateLimited",
         Error::Internal(_) => "Internal",
-        Error::Unavailable(_) => "Unavailable",
+        Error::Unavailable(_) | Error::Tampered { .. } => "Unavailable",
     }
 }
 

@@ -147,6 +147,8 @@ class Internal(AexError):
 
 
 class Unavailable(AexError):
-    """503: the store is busy beyond its timeout or an I/O operation failed."""
+    """503: the store is busy beyond its timeout or an I/O operation failed; or, with ``reason``
+    ``"tampered"``, the database was changed behind aex's back in a way that grants power, and
+    ``field`` names the column or setting."""
 
     status = 503

@@ -340,6 +340,8 @@ pub(crate) fn admit(
         "priced": spec.prices.is_some(),
         "expires_at_ms": execution.expires_at_ms,
         "teams": budget::team_names(&teams),
+        "rate_scopes": execution.rate_scopes,
+        "rate_tokens": execution.rate_tokens,
     });
     ledger::append(tx, cx.hasher, cx.now, NewEvent::execution(EventKind::Reserved, &agent.name, execution_id, reserved, data))?;
     Ok(Ok(Admission::of(&execution, false)))

@@ -44,7 +44,7 @@ macro_rules! event_kinds {
 }
 
 event_kinds! {
-    AgentCreated => "agent.created", "An agent was created; `amount` is its budget.";
+    AgentCreated => "agent.created", "An agent was created; `amount` is its budget, `data` every other setting (the token as its SHA-256 digest, `token_sha256`).";
     BudgetSet => "agent.budget_set", "An agent's budget changed; `amount` is the new budget, `data.previous_micro` the old one.";
     AgentDisabled => "agent.disabled", "An agent was disabled.";
     AgentEnabled => "agent.enabled", "An agent was enabled.";
@@ -56,7 +56,11 @@ event_kinds! {
     TeamDeleted => "team.deleted", "A team was deleted.";
     ConfigLoaded => "config.loaded", "A config came into force; `data.hash` identifies it.";
     ConfigRejected => "config.rejected", "A config was refused; the previous one stays in force.";
-    TokenRotated => "agent.token_rotated", "An agent's token was replaced; the old one stopped working.";
+    TokenRotated => "agent.token_rotated", "An agent's token was replaced; the old one stopped working. `data.token_sha256` is the new token's digest (never the token).";
+    OperatorEdit => "agent.operator_edit", "A restricting edit made to the agent's row outside aex, recorded by the first transaction that read it: `data.field`, `data.old`, `data.new` (see [`crate::outside`]).";
+    TeamOperatorEdit => "team.operator_edit", "A restricting edit made to a team's row outside aex: `data.team`, `data.field`, `data.old`, `data.new`.";
+    AgentRecorded => "agent.recorded", "Every power field of an agent row written before seals existed, recorded once as its baseline.";
+    TeamRecorded => "team.recorded", "Every power field of a team row written before seals existed, recorded once as its baseline.";
     Reserved => "execution.reserved", "An admission reserved `amount`.";
     Dispatched => "execution.dispatched", "The call was handed to the provider.";
     Committed => "execution.committed", "Settled at the real cost `amount`; the rest of the reservation returned.";

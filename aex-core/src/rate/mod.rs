@@ -51,8 +51,14 @@ struct Limit {
     requests: bool,
 }
 
-fn first_bucket(now: i64) -> i64 {
-    now.div_euclid(BUCKET_MS) - BUCKETS + 1
+/// The first bucket of the window ending at `now`.
+pub(crate) fn first_bucket(now: i64) -> i64 {
+    bucket_of(now) - BUCKETS + 1
+}
+
+/// The bucket (second) a time falls in.
+pub(crate) fn bucket_of(ms: i64) -> i64 {
+    ms.div_euclid(BUCKET_MS)
 }
 
 /// When, in ms from `now`, dropping the oldest buckets brings `used + need` within `limit`.
@@ -130,7 +136,7 @@ pub(crate) fn check(tx: &mut dyn Tx, agent: &Agent, config: &Config, req: &Admit
 
 /// Counts an admitted request in every scope of its plan and prunes old buckets.
 pub(crate) fn record(tx: &mut dyn Tx, plan: &Plan, now: i64) -> Result<()> {
-    let second = now.div_euclid(BUCKET_MS);
+    let second = bucket_of(now);
     for scope in plan.scopes.split_whitespace() {
         tx.rate_add(scope, second, 1, plan.tokens)?;
         tx.rate_prune(scope, first_bucket(now))?;

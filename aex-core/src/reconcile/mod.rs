@@ -14,7 +14,7 @@
 use serde_json::json;
 
 use crate::budget;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::execution::{Execution, ExecutionState};
 use crate::ledger::{self, ChainHasher, EventKind, NewEvent};
 use crate::store::Tx;
@@ -31,10 +31,15 @@ pub struct ReconcileReport {
     pub settled: u64,
 }
 
-/// Expires every due open execution, of one agent or of all.
+/// Expires every due open execution, of one agent or of all. Across all agents, an execution
+/// whose agent or team row is found tampered (see [`crate::outside`]) is skipped and stays open,
+/// so one such row neither blocks the others nor gets acted on; `audit` names it.
 pub(crate) fn expire_due(tx: &mut dyn Tx, hasher: &ChainHasher, agent_id: Option<i64>, now: i64) -> Result<ReconcileReport> {
     let mut report = ReconcileReport::default();
     for mut e in tx.open_executions(agent_id, Some(now))? {
+        if agent_id.is_none() && !rows_usable(tx, &e)? {
+            continue;
+        }
         if e.state == ExecutionState::Dispatched {
             report.settled += 1;
         } else {
@@ -43,6 +48,28 @@ pub(crate) fn expire_due(tx: &mut dyn Tx, hasher: &ChainHasher, agent_id: Option
         expire(tx, hasher, &mut e, now)?;
     }
     Ok(report)
+}
+
+/// Whether the rows an expiry would post to can be acted on. Loading them runs the seal check,
+/// which writes nothing when it refuses, so skipping leaves no trace.
+fn rows_usable(tx: &mut dyn Tx, e: &Execution) -> Result<bool> {
+    if !usable(tx.agent_by_id(e.agent_id).map(drop))? {
+        return Ok(false);
+    }
+    for &t in &e.teams {
+        if !usable(tx.team_by_id(t).map(drop))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn usable(loaded: Result<()>) -> Result<bool> {
+    match loaded {
+        Ok(()) => Ok(true),
+        Err(Error::Tampered { .. }) => Ok(false),
+        Err(other) => Err(other),
+    }
 }
 
 /// Applies the expiry rule to one open execution that is due.

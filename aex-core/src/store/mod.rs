@@ -20,6 +20,7 @@ use crate::auth::TokenHash;
 use crate::error::Result;
 use crate::execution::Execution;
 use crate::ledger::{Event, Head};
+use crate::outside::Seal;
 use crate::rate::Bucket;
 use crate::team::Team;
 
@@ -92,10 +93,20 @@ pub trait Tx {
     fn update_agent(&mut self, agent: &Agent) -> Result<()>;
     /// Writes only an agent's counters.
     fn update_counters(&mut self, agent_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()>;
+    /// Writes an agent's counters and its seal (one statement where the store can).
+    fn update_counters_sealed(&mut self, agent_id: i64, spent_micro: i64, reserved_micro: i64, text: &str, tag: &[u8]) -> Result<()> {
+        self.update_counters(agent_id, spent_micro, reserved_micro)?;
+        self.set_agent_seal(agent_id, text, tag)
+    }
     /// Replaces an agent's token.
     fn set_token(&mut self, agent_id: i64, token: &TokenHash, prefix: &str, expires_at_ms: Option<i64>) -> Result<()>;
     /// Deletes an agent row.
     fn delete_agent(&mut self, agent_id: i64) -> Result<()>;
+    /// An agent's stored token digest and its seal (`None` when the row has none), or `None`
+    /// without the row (see [`crate::outside`]).
+    fn agent_seal(&mut self, agent_id: i64) -> Result<Option<(TokenHash, Option<Seal>)>>;
+    /// Writes an agent's seal.
+    fn set_agent_seal(&mut self, agent_id: i64, text: &str, tag: &[u8]) -> Result<()>;
 
     /// The team with this name.
     fn team_by_name(&mut self, name: &str) -> Result<Option<Team>>;
@@ -110,13 +121,24 @@ pub trait Tx {
     fn update_team_budget(&mut self, team_id: i64, budget_micro: i64) -> Result<()>;
     /// Writes a team's counters.
     fn update_team_counters(&mut self, team_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()>;
+    /// Writes a team's counters and its seal.
+    fn update_team_counters_sealed(&mut self, team_id: i64, spent_micro: i64, reserved_micro: i64, text: &str, tag: &[u8]) -> Result<()> {
+        self.update_team_counters(team_id, spent_micro, reserved_micro)?;
+        self.set_team_seal(team_id, text, tag)
+    }
     /// Deletes a team row.
     fn delete_team(&mut self, team_id: i64) -> Result<()>;
     /// How many agents and teams belong to a team.
     fn team_members(&mut self, team_id: i64) -> Result<i64>;
+    /// A team's seal, `None` when it has none.
+    fn team_seal(&mut self, team_id: i64) -> Result<Option<Seal>>;
+    /// Writes a team's seal.
+    fn set_team_seal(&mut self, team_id: i64, text: &str, tag: &[u8]) -> Result<()>;
 
     /// The rate buckets of `scope` from `from_second` on, in any order.
     fn rate_buckets(&mut self, scope: &str, from_second: i64) -> Result<Vec<Bucket>>;
+    /// Every scope's rate buckets from `from_second` on, in any order.
+    fn all_rate_buckets(&mut self, from_second: i64) -> Result<Vec<(String, Bucket)>>;
     /// Adds to (or creates) one rate bucket.
     fn rate_add(&mut self, scope: &str, second: i64, requests: i64, tokens: i64) -> Result<()>;
     /// Deletes a scope's buckets before `before_second`.

@@ -41,6 +41,7 @@ use crate::config::Prices;
 use crate::error::{ConflictReason, Error, Result};
 use crate::execution::{Execution, ExecutionState};
 use crate::ledger::{Event, Head};
+use crate::outside::Seal;
 use crate::settlement::Usage;
 
 /// How hard each commit is pushed to disk.
@@ -199,6 +200,12 @@ CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+", r"
+-- Seals: each row's power fields as aex last wrote them, with their tag (see `outside`).
+ALTER TABLE agents ADD COLUMN seal TEXT;
+ALTER TABLE agents ADD COLUMN seal_tag BLOB;
+ALTER TABLE teams ADD COLUMN seal TEXT;
+ALTER TABLE teams ADD COLUMN seal_tag BLOB;
 "];
 
 /// The SQLite implementation of [`Store`]. `Send + Sync`; share it behind an `Arc`.
@@ -463,7 +470,7 @@ impl SqliteStore {
         }
         // SAFETY: see `Job::f`; its writer is blocked on `job.done` until `finish`.
         let f = unsafe { &mut *job.f };
-        let result = catch_unwind(AssertUnwindSafe(|| f(&mut SqliteTx(conn)))).map_err(Panic);
+        let result = catch_unwind(AssertUnwindSafe(|| f(&mut SqliteTx::new(conn)))).map_err(Panic);
         if !alone && !conn.is_autocommit() {
             let kept = matches!(result, Ok(Ok(())));
             if let Err(e) = (if kept { Ok(()) } else { run(conn, "ROLLBACK TO member") }).and_then(|()| run(conn, "RELEASE member")) {
@@ -499,7 +506,7 @@ impl Store for SqliteStore {
     fn read(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
         let conn = self.conn.lock();
         conn.execute_batch("BEGIN DEFERRED")?;
-        let result = catch_unwind(AssertUnwindSafe(|| f(&mut SqliteTx(&conn))));
+        let result = catch_unwind(AssertUnwindSafe(|| f(&mut SqliteTx::new(&conn))));
         let _ = conn.execute_batch("ROLLBACK");
         drop(conn);
         self.hand_over();
@@ -507,7 +514,53 @@ impl Store for SqliteStore {
     }
 }
 
-struct SqliteTx<'c>(&'c Connection);
+/// One closure's view of a transaction.
+struct SqliteTx<'c> {
+    conn: &'c Connection,
+    /// The seal columns of the agent or team row loaded last, handed to the seal check that
+    /// follows the load without a second query. Taken once; cleared by any write to that table;
+    /// dropped with the closure.
+    last_seal: Option<LastSeal>,
+}
+
+#[derive(Debug)]
+enum LastSeal {
+    Agent(i64, TokenHash, Option<Seal>),
+    Team(i64, Option<Seal>),
+}
+
+impl<'c> SqliteTx<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        SqliteTx { conn, last_seal: None }
+    }
+
+    fn load_agent(&mut self, sql: &str, key: impl rusqlite::Params) -> Result<Option<Agent>> {
+        let row = self
+            .conn
+            .prepare_cached(sql)?
+            .query_row(key, |r| {
+                let seal = LastSeal::Agent(r.get(0)?, TokenHash(blob32(r.get(24)?)), seal_from(r.get(25)?, r.get(26)?));
+                Ok((agent_from_row(r)?, seal))
+            })
+            .optional()?;
+        Ok(row.map(|(agent, seal)| {
+            self.last_seal = Some(seal);
+            agent
+        }))
+    }
+
+    fn load_team(&mut self, sql: &str, key: impl rusqlite::Params) -> Result<Option<Team>> {
+        let row = self
+            .conn
+            .prepare_cached(sql)?
+            .query_row(key, |r| Ok((team_from_row(r)?, LastSeal::Team(r.get(0)?, seal_from(r.get(8)?, r.get(9)?)))))
+            .optional()?;
+        Ok(row.map(|(team, seal)| {
+            self.last_seal = Some(seal);
+            team
+        }))
+    }
+}
 
 /// `SELECT <agent columns> FROM agents <rest>`, as a literal so statement lookup costs no
 /// formatting.
@@ -517,7 +570,7 @@ macro_rules! select_agents {
             "SELECT id, name, token_prefix, scope, ttl_ms, expires_at_ms, disabled, budget_micro, spent_micro, ",
             "reserved_micro, rpm, tpm, allowed_models, allow_tools, allow_streaming, allow_vision, strict, ",
             "allow_passthrough, max_concurrent, budget_period, period_start_ms, team_id, ",
-            "(SELECT name FROM teams WHERE teams.id = agents.team_id), created_at_ms FROM agents ",
+            "(SELECT name FROM teams WHERE teams.id = agents.team_id), created_at_ms, token_hash, seal, seal_tag FROM agents ",
             $rest
         )
     };
@@ -556,7 +609,7 @@ macro_rules! select_teams {
     ($rest:literal) => {
         concat!(
             "SELECT id, name, parent_id, (SELECT p.name FROM teams p WHERE p.id = teams.parent_id), budget_micro, ",
-            "spent_micro, reserved_micro, created_at_ms FROM teams ",
+            "spent_micro, reserved_micro, created_at_ms, seal, seal_tag FROM teams ",
             $rest
         )
     };
@@ -626,14 +679,21 @@ fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
     })
 }
 
+/// A 32-byte digest column. A tampered value of the wrong length still loads (padded or cut), so
+/// the check that reads it reports the mismatch.
+fn blob32(v: Vec<u8>) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let n = v.len().min(32);
+    out[..n].copy_from_slice(&v[..n]);
+    out
+}
+
+/// A seal from its two columns; `None` when either is missing.
+fn seal_from(text: Option<String>, tag: Option<Vec<u8>>) -> Option<Seal> {
+    Some(Seal { text: text?, tag: tag? })
+}
+
 fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
-    let blob32 = |v: Vec<u8>| {
-        // A tampered hash of the wrong length still loads; audit reports the mismatch.
-        let mut out = [0u8; 32];
-        let n = v.len().min(32);
-        out[..n].copy_from_slice(&v[..n]);
-        out
-    };
     Ok(Event {
         seq: r.get::<_, i64>(0)?.max(0) as u64,
         ts_ms: r.get(1)?,
@@ -653,30 +713,28 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 
 impl Tx for SqliteTx<'_> {
     fn agent_by_token(&mut self, token: &TokenHash) -> Result<Option<Agent>> {
-        let sql = select_agents!("WHERE token_hash = ?1");
-        Ok(self.0.prepare_cached(sql)?.query_row([&token.0[..]], agent_from_row).optional()?)
+        self.load_agent(select_agents!("WHERE token_hash = ?1"), [&token.0[..]])
     }
 
     fn agent_by_name(&mut self, name: &str) -> Result<Option<Agent>> {
-        let sql = select_agents!("WHERE name = ?1");
-        Ok(self.0.prepare_cached(sql)?.query_row([name], agent_from_row).optional()?)
+        self.load_agent(select_agents!("WHERE name = ?1"), [name])
     }
 
     fn agent_by_id(&mut self, id: i64) -> Result<Option<Agent>> {
-        let sql = select_agents!("WHERE id = ?1");
-        Ok(self.0.prepare_cached(sql)?.query_row([id], agent_from_row).optional()?)
+        self.load_agent(select_agents!("WHERE id = ?1"), [id])
     }
 
     fn agents(&mut self) -> Result<Vec<Agent>> {
         let sql = select_agents!("ORDER BY name");
-        let mut stmt = self.0.prepare_cached(sql)?;
+        let mut stmt = self.conn.prepare_cached(sql)?;
         let rows = stmt.query_map([], agent_from_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     fn insert_agent(&mut self, a: &Agent, token: &TokenHash) -> Result<i64> {
+        self.last_seal = None;
         let models = serde_json::to_string(&a.allowed_models).map_err(|e| Error::Internal(e.to_string()))?;
-        let res = self.0.prepare_cached(
+        let res = self.conn.prepare_cached(
             "INSERT INTO agents (name, token_hash, token_prefix, scope, ttl_ms, expires_at_ms, disabled, budget_micro, \
              spent_micro, reserved_micro, rpm, tpm, allowed_models, allow_tools, allow_streaming, allow_vision, strict, \
              allow_passthrough, max_concurrent, budget_period, period_start_ms, team_id, created_at_ms) \
@@ -708,7 +766,7 @@ impl Tx for SqliteTx<'_> {
             a.created_at_ms,
         ]);
         match res {
-            Ok(_) => Ok(self.0.last_insert_rowid()),
+            Ok(_) => Ok(self.conn.last_insert_rowid()),
             Err(e) if is_unique_violation(&e) => {
                 Err(Error::conflict(ConflictReason::NameTaken, format!("an agent named '{}' exists already", a.name)))
             }
@@ -717,8 +775,9 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn update_agent(&mut self, a: &Agent) -> Result<()> {
+        self.last_seal = None;
         let models = serde_json::to_string(&a.allowed_models).map_err(|e| Error::Internal(e.to_string()))?;
-        self.0
+        self.conn
             .prepare_cached(
                 "UPDATE agents SET scope=?2, ttl_ms=?3, expires_at_ms=?4, disabled=?5, budget_micro=?6, spent_micro=?7, \
                  reserved_micro=?8, rpm=?9, tpm=?10, allowed_models=?11, allow_tools=?12, allow_streaming=?13, \
@@ -751,48 +810,82 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn update_counters(&mut self, agent_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()> {
-        self.0
+        self.last_seal = None;
+        self.conn
             .prepare_cached("UPDATE agents SET spent_micro=?2, reserved_micro=?3 WHERE id=?1")?
             .execute(params![agent_id, spent_micro, reserved_micro])?;
         Ok(())
     }
 
+    fn update_counters_sealed(&mut self, agent_id: i64, spent_micro: i64, reserved_micro: i64, text: &str, tag: &[u8]) -> Result<()> {
+        self.last_seal = None;
+        self.conn
+            .prepare_cached("UPDATE agents SET spent_micro=?2, reserved_micro=?3, seal=?4, seal_tag=?5 WHERE id=?1")?
+            .execute(params![agent_id, spent_micro, reserved_micro, text, tag])?;
+        Ok(())
+    }
+
     fn set_token(&mut self, agent_id: i64, token: &TokenHash, prefix: &str, expires_at_ms: Option<i64>) -> Result<()> {
-        self.0
+        self.last_seal = None;
+        self.conn
             .prepare_cached("UPDATE agents SET token_hash=?2, token_prefix=?3, expires_at_ms=?4 WHERE id=?1")?
             .execute(params![agent_id, &token.0[..], prefix, expires_at_ms])?;
         Ok(())
     }
 
     fn delete_agent(&mut self, agent_id: i64) -> Result<()> {
-        self.0.prepare_cached("DELETE FROM agents WHERE id=?1")?.execute([agent_id])?;
+        self.last_seal = None;
+        self.conn.prepare_cached("DELETE FROM agents WHERE id=?1")?.execute([agent_id])?;
+        Ok(())
+    }
+
+    fn agent_seal(&mut self, agent_id: i64) -> Result<Option<(TokenHash, Option<Seal>)>> {
+        if let Some(LastSeal::Agent(id, token, seal)) = self.last_seal.take()
+            && id == agent_id
+        {
+            return Ok(Some((token, seal)));
+        }
+        Ok(self
+            .conn
+            .prepare_cached("SELECT token_hash, seal, seal_tag FROM agents WHERE id = ?1")?
+            .query_row([agent_id], |r| {
+                let token: Vec<u8> = r.get(0)?;
+                Ok((TokenHash(blob32(token)), seal_from(r.get(1)?, r.get(2)?)))
+            })
+            .optional()?)
+    }
+
+    fn set_agent_seal(&mut self, agent_id: i64, text: &str, tag: &[u8]) -> Result<()> {
+        self.last_seal = None;
+        self.conn.prepare_cached("UPDATE agents SET seal = ?2, seal_tag = ?3 WHERE id = ?1")?.execute(params![agent_id, text, tag])?;
         Ok(())
     }
 
     fn team_by_name(&mut self, name: &str) -> Result<Option<Team>> {
-        Ok(self.0.prepare_cached(select_teams!("WHERE name = ?1"))?.query_row([name], team_from_row).optional()?)
+        self.load_team(select_teams!("WHERE name = ?1"), [name])
     }
 
     fn team_by_id(&mut self, id: i64) -> Result<Option<Team>> {
-        Ok(self.0.prepare_cached(select_teams!("WHERE id = ?1"))?.query_row([id], team_from_row).optional()?)
+        self.load_team(select_teams!("WHERE id = ?1"), [id])
     }
 
     fn teams(&mut self) -> Result<Vec<Team>> {
-        let mut stmt = self.0.prepare_cached(select_teams!("ORDER BY name"))?;
+        let mut stmt = self.conn.prepare_cached(select_teams!("ORDER BY name"))?;
         let rows = stmt.query_map([], team_from_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     fn insert_team(&mut self, t: &Team) -> Result<i64> {
+        self.last_seal = None;
         let res = self
-            .0
+            .conn
             .prepare_cached(
                 "INSERT INTO teams (name, parent_id, budget_micro, spent_micro, reserved_micro, created_at_ms) \
                  VALUES (?1,?2,?3,?4,?5,?6)",
             )?
             .execute(params![t.name, t.parent_id, t.budget_micro, t.spent_micro, t.reserved_micro, t.created_at_ms]);
         match res {
-            Ok(_) => Ok(self.0.last_insert_rowid()),
+            Ok(_) => Ok(self.conn.last_insert_rowid()),
             Err(e) if is_unique_violation(&e) => {
                 Err(Error::conflict(ConflictReason::NameTaken, format!("a team named '{}' exists already", t.name)))
             }
@@ -801,31 +894,70 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn update_team_budget(&mut self, team_id: i64, budget_micro: i64) -> Result<()> {
-        self.0.prepare_cached("UPDATE teams SET budget_micro=?2 WHERE id=?1")?.execute(params![team_id, budget_micro])?;
+        self.last_seal = None;
+        self.conn.prepare_cached("UPDATE teams SET budget_micro=?2 WHERE id=?1")?.execute(params![team_id, budget_micro])?;
         Ok(())
     }
 
     fn update_team_counters(&mut self, team_id: i64, spent_micro: i64, reserved_micro: i64) -> Result<()> {
-        self.0
+        self.last_seal = None;
+        self.conn
             .prepare_cached("UPDATE teams SET spent_micro=?2, reserved_micro=?3 WHERE id=?1")?
             .execute(params![team_id, spent_micro, reserved_micro])?;
         Ok(())
     }
 
+    fn update_team_counters_sealed(&mut self, team_id: i64, spent_micro: i64, reserved_micro: i64, text: &str, tag: &[u8]) -> Result<()> {
+        self.last_seal = None;
+        self.conn
+            .prepare_cached("UPDATE teams SET spent_micro=?2, reserved_micro=?3, seal=?4, seal_tag=?5 WHERE id=?1")?
+            .execute(params![team_id, spent_micro, reserved_micro, text, tag])?;
+        Ok(())
+    }
+
     fn delete_team(&mut self, team_id: i64) -> Result<()> {
-        self.0.prepare_cached("DELETE FROM teams WHERE id=?1")?.execute([team_id])?;
+        self.last_seal = None;
+        self.conn.prepare_cached("DELETE FROM teams WHERE id=?1")?.execute([team_id])?;
         Ok(())
     }
 
     fn team_members(&mut self, team_id: i64) -> Result<i64> {
-        Ok(self.0.prepare_cached(
+        Ok(self.conn.prepare_cached(
             "SELECT (SELECT COUNT(*) FROM agents WHERE team_id = ?1) + (SELECT COUNT(*) FROM teams WHERE parent_id = ?1)",
         )?
         .query_row([team_id], |r| r.get(0))?)
     }
 
+    fn team_seal(&mut self, team_id: i64) -> Result<Option<Seal>> {
+        if let Some(LastSeal::Team(id, seal)) = self.last_seal.take()
+            && id == team_id
+        {
+            return Ok(seal);
+        }
+        Ok(self
+            .conn
+            .prepare_cached("SELECT seal, seal_tag FROM teams WHERE id = ?1")?
+            .query_row([team_id], |r| Ok(seal_from(r.get(0)?, r.get(1)?)))
+            .optional()?
+            .flatten())
+    }
+
+    fn set_team_seal(&mut self, team_id: i64, text: &str, tag: &[u8]) -> Result<()> {
+        self.last_seal = None;
+        self.conn.prepare_cached("UPDATE teams SET seal = ?2, seal_tag = ?3 WHERE id = ?1")?.execute(params![team_id, text, tag])?;
+        Ok(())
+    }
+
+    fn all_rate_buckets(&mut self, from_second: i64) -> Result<Vec<(String, Bucket)>> {
+        let mut stmt = self.conn.prepare("SELECT scope, second, requests, tokens FROM rate_buckets WHERE second >= ?1")?;
+        let rows = stmt.query_map([from_second], |r| {
+            Ok((r.get(0)?, Bucket { second: r.get(1)?, requests: r.get(2)?, tokens: r.get(3)? }))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     fn rate_buckets(&mut self, scope: &str, from_second: i64) -> Result<Vec<Bucket>> {
-        let mut stmt = self.0.prepare_cached("SELECT second, requests, tokens FROM rate_buckets WHERE scope = ?1 AND second >= ?2")?;
+        let mut stmt = self.conn.prepare_cached("SELECT second, requests, tokens FROM rate_buckets WHERE scope = ?1 AND second >= ?2")?;
         let rows = stmt.query_map(params![scope, from_second], |r| {
             Ok(Bucket { second: r.get(0)?, requests: r.get(1)?, tokens: r.get(2)? })
         })?;
@@ -833,7 +965,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn rate_add(&mut self, scope: &str, second: i64, requests: i64, tokens: i64) -> Result<()> {
-        self.0
+        self.conn
             .prepare_cached(
                 "INSERT INTO rate_buckets (scope, second, requests, tokens) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (scope, second) DO UPDATE SET requests = requests + ?3, tokens = tokens + ?4",
@@ -843,12 +975,12 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn rate_prune(&mut self, scope: &str, before_second: i64) -> Result<()> {
-        self.0.prepare_cached("DELETE FROM rate_buckets WHERE scope = ?1 AND second < ?2")?.execute(params![scope, before_second])?;
+        self.conn.prepare_cached("DELETE FROM rate_buckets WHERE scope = ?1 AND second < ?2")?.execute(params![scope, before_second])?;
         Ok(())
     }
 
     fn rate_adjust(&mut self, scope: &str, second: i64, delta: i64) -> Result<()> {
-        self.0
+        self.conn
             .prepare_cached("UPDATE rate_buckets SET tokens = max(0, tokens + ?3) WHERE scope = ?1 AND second = ?2")?
             .execute(params![scope, second, delta])?;
         Ok(())
@@ -858,14 +990,14 @@ impl Tx for SqliteTx<'_> {
         let row = |r: &Row<'_>| Ok((r.get(0)?, r.get(1)?));
         Ok(match agent_id {
             Some(id) => self
-                .0
+                .conn
                 .prepare_cached(
                     "SELECT COUNT(*), MIN(expires_at_ms) FROM executions \
                      WHERE state IN ('RESERVED', 'DISPATCHED') AND expires_at_ms IS NOT NULL AND agent_id = ?1",
                 )?
                 .query_row([id], row)?,
             None => self
-                .0
+                .conn
                 .prepare_cached(
                     "SELECT COUNT(*), MIN(expires_at_ms) FROM executions \
                      WHERE state IN ('RESERVED', 'DISPATCHED') AND expires_at_ms IS NOT NULL",
@@ -876,11 +1008,11 @@ impl Tx for SqliteTx<'_> {
 
     fn execution(&mut self, id: &str) -> Result<Option<Execution>> {
         let sql = select_executions!("WHERE id = ?1");
-        Ok(self.0.prepare_cached(sql)?.query_row([id], execution_from_row).optional()?)
+        Ok(self.conn.prepare_cached(sql)?.query_row([id], execution_from_row).optional()?)
     }
 
     fn insert_execution(&mut self, e: &Execution) -> Result<()> {
-        self.0
+        self.conn
             .prepare_cached(
                 "INSERT INTO executions (id, agent_id, agent, request_hash, state, model, input_tokens, \
                  max_output_tokens, input_price, output_price, cached_input_price, reserved_micro, created_at_ms, \
@@ -910,7 +1042,7 @@ impl Tx for SqliteTx<'_> {
 
     fn update_execution(&mut self, e: &Execution) -> Result<()> {
         let u = e.usage.as_ref();
-        self.0
+        self.conn
             .prepare_cached(
                 "UPDATE executions SET state=?2, cost_micro=?3, usage_input=?4, usage_output=?5, usage_cached_input=?6, \
                  reason=?7, dispatched_at_ms=?8, settled_at_ms=?9 WHERE id=?1",
@@ -938,12 +1070,12 @@ impl Tx for SqliteTx<'_> {
                 let sql = select_executions!(
                     "WHERE state IN ('RESERVED', 'DISPATCHED') AND expires_at_ms <= ?1 AND agent_id = ?2"
                 );
-                let mut stmt = self.0.prepare_cached(sql)?;
+                let mut stmt = self.conn.prepare_cached(sql)?;
                 stmt.query_map(params![by, id], execution_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?
             }
             None => {
                 let sql = select_executions!("WHERE state IN ('RESERVED', 'DISPATCHED') AND expires_at_ms <= ?1");
-                let mut stmt = self.0.prepare_cached(sql)?;
+                let mut stmt = self.conn.prepare_cached(sql)?;
                 stmt.query_map(params![by], execution_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?
             }
         };
@@ -953,7 +1085,7 @@ impl Tx for SqliteTx<'_> {
 
     fn for_each_execution(&mut self, f: &mut dyn FnMut(Execution) -> Result<()>) -> Result<()> {
         let sql = select_executions!("ORDER BY id");
-        let mut stmt = self.0.prepare(sql)?;
+        let mut stmt = self.conn.prepare(sql)?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             f(execution_from_row(r)?)?;
@@ -963,7 +1095,7 @@ impl Tx for SqliteTx<'_> {
 
     fn ledger_head(&mut self) -> Result<Option<Head>> {
         Ok(self
-            .0
+            .conn
             .prepare_cached("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")?
             .query_row([], |r| {
                 let seq: i64 = r.get(0)?;
@@ -974,7 +1106,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn append_event(&mut self, e: &Event) -> Result<()> {
-        self.0
+        self.conn
             .prepare_cached(
                 "INSERT INTO ledger (seq, ts_ms, kind, agent, execution_id, amount_micro, data, prev_hash, hash) \
                  VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
@@ -994,7 +1126,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn for_each_event(&mut self, from_seq: u64, f: &mut dyn FnMut(Event) -> Result<bool>) -> Result<()> {
-        let mut stmt = self.0.prepare(
+        let mut stmt = self.conn.prepare(
             "SELECT seq, ts_ms, kind, agent, execution_id, amount_micro, data, prev_hash, hash FROM ledger \
              WHERE seq >= ?1 ORDER BY seq",
         )?;
@@ -1008,7 +1140,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn spend_since(&mut self, since_ms: i64) -> Result<Vec<(String, i64)>> {
-        let mut stmt = self.0.prepare_cached(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT agent, SUM(amount_micro) FROM ledger WHERE ts_ms >= ?1 AND agent IS NOT NULL \
              AND kind IN ('execution.committed', 'execution.expired') GROUP BY agent",
         )?;
@@ -1017,11 +1149,11 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn meta(&mut self, key: &str) -> Result<Option<String>> {
-        Ok(self.0.prepare_cached("SELECT value FROM meta WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()?)
+        Ok(self.conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()?)
     }
 
     fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
-        self.0
+        self.conn
             .prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2")?
             .execute([key, value])?;
         Ok(())
