@@ -2,6 +2,8 @@
 
 mod common;
 
+use aex_core::admission::MAX_MESSAGES_BYTES;
+use aex_core::settlement::MAX_REASON_LEN;
 use aex_core::{AdmitRequest, AgentSpec, Error, Kernel, Message, Usage, money};
 use common::*;
 
@@ -114,6 +116,35 @@ fn bad_settlements() {
     refused(&k, "error", |k| k.fail(&id, &"e".repeat(1025)).map(|_| ()));
     // Still open and settleable after all that.
     k.commit(&id, Usage::new(10, 10)).unwrap();
+}
+
+#[test]
+fn a_reason_of_exactly_the_limit_is_kept_and_one_byte_more_is_refused() {
+    let (k, token, id) = setup();
+    let at = "é".repeat(MAX_REASON_LEN / 2); // the limit is in bytes
+    refused(&k, "reason", |k| k.release(&id, &format!("{at}r")).map(|_| ()));
+    k.release(&id, &at).unwrap();
+    assert_eq!(k.execution(&id).unwrap().reason.as_deref(), Some(at.as_str()));
+
+    let failing = k.admit(&token, &AdmitRequest::new(MODEL).input_tokens(10).max_output_tokens(10)).unwrap().execution_id;
+    refused(&k, "error", |k| k.fail(&failing, &format!("{at}e")).map(|_| ()));
+    k.fail(&failing, &at).unwrap();
+    assert_eq!(k.execution(&failing).unwrap().reason.as_deref(), Some(at.as_str()));
+    assert_clean(&k);
+}
+
+#[test]
+fn messages_of_exactly_the_size_cap_are_admitted_and_one_byte_more_is_refused() {
+    let (k, token, _) = setup();
+    // The cap counts every message's role and content bytes.
+    let content = MAX_MESSAGES_BYTES - "system".len() - "user".len() - "rules".len();
+    let request = |extra: usize| AdmitRequest {
+        messages: vec![Message::new("system", "rules"), Message::new("user", "x".repeat(content + extra))],
+        ..AdmitRequest::new(MODEL).input_tokens(10).max_output_tokens(10)
+    };
+    refused(&k, "messages", |k| k.admit(&token, &request(1)).map(|_| ()));
+    k.admit(&token, &request(0)).unwrap();
+    assert_clean(&k);
 }
 
 #[test]

@@ -128,3 +128,23 @@ fn a_read_only_database_gives_unavailable_and_is_left_untouched() {
     assert_eq!(std::fs::read(&db).unwrap(), before, "the file is unchanged");
     assert!(!Path::new(&format!("{}-wal", db.display())).exists());
 }
+
+#[test]
+fn a_store_error_during_authentication_fails_the_call_and_records_no_denial() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("aex.db");
+    let k = file_kernel(&db);
+    let token = agent(&k, "atlas", 1_000_000);
+    let before = snapshot(&k);
+    // The token lookup's query now fails inside the admission's transaction.
+    let shell = rusqlite::Connection::open(&db).unwrap();
+    shell.execute_batch("ALTER TABLE agents RENAME COLUMN token_hash TO token_digest").unwrap();
+    let e = k.admit(&token, &AdmitRequest::new(MODEL).input_tokens(10).max_output_tokens(10)).unwrap_err();
+    assert!(!e.is_denial(), "a store failure is not a denial: {e:?}");
+    assert!(matches!(e.status(), 500 | 503), "{e:?}");
+    assert!(e.to_string().contains("token_hash"), "the message says what failed: {e}");
+    shell.execute_batch("ALTER TABLE agents RENAME COLUMN token_digest TO token_hash").unwrap();
+    assert_eq!(snapshot(&k), before, "the failed transaction left nothing, no admission.denied event either");
+    k.admit(&token, &AdmitRequest::new(MODEL).input_tokens(10).max_output_tokens(10)).unwrap();
+    assert_clean(&k);
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use aex_core::{
     AdmitRequest, AgentSpec, BudgetPeriod, Config, Error, Kernel, KernelOptions, ManualClock, Message, PolicyRule,
-    RateWindow, TeamSpec, Usage,
+    RateWindow, ReconcileReport, TeamSpec, Usage, rate,
 };
 use common::*;
 
@@ -162,6 +162,99 @@ fn agent_tpm_counts_estimates_and_is_corrected_at_settlement() {
     // A request bigger than the whole limit can never pass: a policy denial, not a wait.
     let e = denied(&k, &t, &AdmitRequest::new("mini").input_tokens(900).max_output_tokens(200));
     assert_eq!(e.reason(), "exceeds_rate_limit");
+    assert_clean(&k);
+}
+
+/// A request that counts exactly `n` tokens against a TPM window.
+fn tokens(n: i64) -> AdmitRequest {
+    AdmitRequest::new("mini").input_tokens(n - 1).max_output_tokens(1)
+}
+
+/// Asserts that the TPM window of an agent with `tpm: 1000` holds exactly `used` tokens: a request
+/// for one token more than the room left is denied, one for the room is admitted. Then lets the
+/// window pass, so the next phase starts from an empty one.
+fn assert_window(k: &Kernel, clock: &ManualClock, t: &str, used: i64) {
+    let room = 1_000 - used;
+    match denied(k, t, &tokens(room + 1)) {
+        Error::RateLimited { window: RateWindow::AgentTpm, .. } if room < 1_000 => {}
+        Error::PolicyDenied { reason: PolicyRule::ExceedsRateLimit, .. } if room == 1_000 => {}
+        other => panic!("{} tokens with {used} counted: {other:?}", room + 1),
+    }
+    if room > 0 {
+        k.admit(t, &tokens(room)).unwrap_or_else(|e| panic!("{room} tokens with {used} counted: {e:?}"));
+    }
+    clock.advance(rate::WINDOW_MS + 1_000);
+}
+
+#[test]
+fn the_tpm_window_holds_exactly_the_settled_tokens_after_commit_release_fail_and_expiry() {
+    let clock = ManualClock::new(T0);
+    let options = KernelOptions {
+        config: Config::from_yaml(YAML).unwrap(),
+        clock: Arc::new(clock.clone()),
+        reservation_ttl_ms: 10_000, // expiries inside one window
+        ..Default::default()
+    };
+    let k = Kernel::open_in_memory(options).unwrap();
+    let t = k.create_agent(&AgentSpec { tpm: Some(1_000), ..spec("a") }).unwrap().token.expose().to_string();
+    let estimate = || AdmitRequest::new("mini").input_tokens(300).max_output_tokens(300); // 600 counted
+    assert_window(&k, &clock, &t, 0);
+
+    // Admission counts the estimate (this reservation is left to expire, after its window);
+    // commit moves the window from the estimate to input + output.
+    k.admit(&t, &estimate()).unwrap();
+    assert_window(&k, &clock, &t, 600);
+    let a = k.admit(&t, &estimate()).unwrap();
+    k.commit(&a.execution_id, Usage::new(300, 100)).unwrap();
+    assert_window(&k, &clock, &t, 400);
+    // An overrun counts what was really used, above the estimate.
+    let a = k.admit(&t, &estimate()).unwrap();
+    k.commit(&a.execution_id, Usage::new(500, 400)).unwrap();
+    assert_window(&k, &clock, &t, 900);
+
+    // Release and fail: nothing was used, nothing stays counted.
+    let a = k.admit(&t, &estimate()).unwrap();
+    k.release(&a.execution_id, "not sent").unwrap();
+    assert_window(&k, &clock, &t, 0);
+    let a = k.admit(&t, &estimate()).unwrap();
+    k.fail(&a.execution_id, "connection refused").unwrap();
+    assert_window(&k, &clock, &t, 0);
+
+    // Expiry of a reservation never sent releases its tokens (here lazily, by the next admission
+    // of the agent); expiry of a dispatched one charges the full reservation and keeps them.
+    k.admit(&t, &estimate()).unwrap();
+    clock.advance(10_000);
+    assert_window(&k, &clock, &t, 0);
+    let a = k.admit(&t, &estimate()).unwrap();
+    k.mark_dispatched(&a.execution_id).unwrap();
+    clock.advance(10_000);
+    assert_eq!(k.reconcile().unwrap(), ReconcileReport { released: 0, settled: 1 });
+    assert_window(&k, &clock, &t, 600);
+    assert_clean(&k);
+}
+
+#[test]
+fn a_single_request_of_exactly_the_tpm_limit_is_admitted_and_one_token_more_is_refused() {
+    let (k, _) = yaml_kernel(YAML);
+    let a = k.create_agent(&AgentSpec { tpm: Some(1_000), ..spec("a") }).unwrap().token.expose().to_string();
+    let b = k.create_agent(&AgentSpec { tpm: Some(1_000), ..spec("b") }).unwrap().token.expose().to_string();
+    k.admit(&a, &tokens(1_000)).unwrap();
+    let e = denied(&k, &b, &tokens(1_001));
+    assert!(matches!(e, Error::PolicyDenied { reason: PolicyRule::ExceedsRateLimit, .. }), "{e:?}");
+    assert!(e.to_string().contains("1001") && e.to_string().contains("1000"), "{e}");
+    k.admit(&b, &tokens(1_000)).unwrap();
+    assert_clean(&k);
+}
+
+#[test]
+fn a_request_filling_the_context_window_exactly_is_admitted_and_one_token_more_is_denied() {
+    let (k, _) = yaml_kernel(YAML); // mini: context_window 5000, max_output_tokens 1000
+    let t = k.create_agent(&spec("a")).unwrap().token.expose().to_string();
+    k.admit(&t, &AdmitRequest::new("mini").input_tokens(4_000).max_output_tokens(1_000)).unwrap();
+    // The output cap is clamped to the model's before the window is checked.
+    k.admit(&t, &AdmitRequest::new("mini").input_tokens(4_000).max_output_tokens(4_000)).unwrap();
+    let e = denied(&k, &t, &AdmitRequest::new("mini").input_tokens(4_001).max_output_tokens(1_000));
+    assert!(matches!(e, Error::PolicyDenied { reason: PolicyRule::ContextWindowExceeded, .. }), "{e:?}");
     assert_clean(&k);
 }
 

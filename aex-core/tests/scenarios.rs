@@ -391,6 +391,47 @@ fn reconcile_expires_every_agent() {
 }
 
 #[test]
+fn the_reconcile_report_counts_releases_and_settlements_apart() {
+    let (k, clock) = kernel();
+    let t = agent(&k, "a", 1_000_000);
+    let ids: Vec<String> = (0..5).map(|_| k.admit(&t, &req()).unwrap().execution_id).collect();
+    k.mark_dispatched(&ids[0]).unwrap();
+    k.commit(&ids[4], Usage::new(10, 10)).unwrap();
+    clock.advance(aex_core::DEFAULT_RESERVATION_TTL_MS);
+    // Three never sent, one sent, one already settled.
+    assert_eq!(k.reconcile().unwrap(), aex_core::ReconcileReport { released: 3, settled: 1 });
+    assert_eq!(k.reconcile().unwrap(), aex_core::ReconcileReport::default());
+    let a = k.agent("a").unwrap();
+    assert_eq!((a.spent_micro, a.reserved_micro), (450 + 8, 0));
+    assert_clean(&k);
+}
+
+#[test]
+fn an_admission_sees_the_budget_its_own_lazy_expiry_gave_back() {
+    let (k, clock) = kernel();
+    // Room for exactly one reservation of 450; a second fits only once the first has expired.
+    let t = agent(&k, "a", 450);
+    let first = k.admit(&t, &req()).unwrap();
+    assert_eq!(k.admit(&t, &req()).unwrap_err().status(), 402);
+    clock.advance(aex_core::DEFAULT_RESERVATION_TTL_MS);
+    let second = k.admit(&t, &req()).unwrap();
+    assert_eq!(k.execution(&first.execution_id).unwrap().state, ExecutionState::Released);
+    let a = k.agent("a").unwrap();
+    assert_eq!((a.spent_micro, a.reserved_micro), (0, second.reserved_micro));
+
+    // A dispatched reservation is charged in full by the same lazy expiry, and the admission
+    // after it sees that spend.
+    k.mark_dispatched(&second.execution_id).unwrap();
+    k.add_budget("a", 450).unwrap();
+    clock.advance(aex_core::DEFAULT_RESERVATION_TTL_MS);
+    let third = k.admit(&t, &req()).unwrap();
+    let a = k.agent("a").unwrap();
+    assert_eq!((a.spent_micro, a.reserved_micro), (450, third.reserved_micro));
+    assert_eq!(k.admit(&t, &req()).unwrap_err().status(), 402);
+    assert_clean(&k);
+}
+
+#[test]
 fn an_outside_write_governs_the_next_admission() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("aex.db");

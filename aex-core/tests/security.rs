@@ -48,7 +48,9 @@ fn no_token_reaches_files_ledger_errors_or_debug_output() {
         k.admit(&secrets[2], &req()).unwrap_err(),      // read-only
         k.admit_dispatched(&secrets[2], &req()).unwrap_err(),
     ];
-    let near_miss = format!("{}0", &rotated.expose()[..rotated.expose().len() - 1]);
+    // The live token with its last character changed (to '1' if it already was '0').
+    let live = rotated.expose();
+    let near_miss = format!("{}{}", &live[..live.len() - 1], if live.ends_with('0') { '1' } else { '0' });
     errors.push(k.admit(&near_miss, &req()).unwrap_err());
     secrets.push(near_miss);
     let malformed = format!("{}!{}", &rotated.expose()[..20], &rotated.expose()[21..]);

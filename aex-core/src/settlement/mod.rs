@@ -286,5 +286,8 @@ mod tests {
         let e = Usage { input_tokens: 1, output_tokens: 0, cached_input_tokens: 2 }.validate().unwrap_err();
         assert!(e.to_string().contains("usage.cached_input_tokens"), "{e}");
         assert!(Usage::new(0, MAX_TOKENS + 1).validate().is_err());
+        // Exactly at the limits is valid.
+        assert!(Usage { input_tokens: MAX_TOKENS, output_tokens: MAX_TOKENS, cached_input_tokens: MAX_TOKENS }.validate().is_ok());
+        assert!(Usage::new(0, 0).validate().is_ok());
     }
 }
