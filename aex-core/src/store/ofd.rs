@@ -320,10 +320,12 @@ mod imp {
             *table = Table::new(pid);
         }
         let mut closing = vec![fd];
+        let mut lock_fd = None;
         if let Some(at) = table.files.iter().position(|(_, e)| e.users.contains(&fd)) {
             let entry = &mut table.files[at].1;
             entry.users.retain(|&u| u != fd);
             if entry.users.is_empty() {
+                lock_fd = Some(entry.lock_fd);
                 closing.push(entry.lock_fd);
                 table.files.swap_remove(at);
             }
@@ -331,6 +333,13 @@ mod imp {
         if let Some(id) = id
             && classic_locks_held(id, pid)
         {
+            // Drop aex's own locks now, as the close would have (SQLite relies on that for the
+            // shared memory's "dead man switch"); the other copy's classic locks stay.
+            if let Some(lock_fd) = lock_fd {
+                let mut all = empty_lock(libc::F_UNLCK as i16);
+                // SAFETY: the table's own descriptor and a valid `flock` (whole file).
+                unsafe { libc::fcntl(lock_fd, F_OFD_SETLK, &raw mut all) };
+            }
             table.parked.extend(closing.into_iter().map(|f| (id, f)));
             return 0;
         }
