@@ -6,7 +6,9 @@
 //! IMMEDIATE`. The kernel's lock queue is fair where SQLite's busy handler is not (with several
 //! processes, some waited seconds for one transaction), and SQLite's own locks plus
 //! `busy_timeout` still protect against writers that do not take the side lock, such as the
-//! `sqlite3` shell. The side lock is held only for the length of one short transaction.
+//! `sqlite3` shell. The side lock is held only for the length of one short transaction, and
+//! waited for at most `busy_timeout` (`side_lock`). aex's SQLite locks with open-file-description
+//! locks, so another copy of SQLite in this process cannot lose its writes (`ofd`).
 //!
 //! **Group commit.** Concurrent writers of one process share one SQLite transaction, so one
 //! commit (and, under `full`, one fsync) serves many of them. A writer queues its closure and,
