@@ -286,7 +286,7 @@ async fn a_slow_healthy_stream_is_not_cut_and_pings_are_skipped() {
         events.push(format!("data: {}\n\n", json!({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 6}})));
         events.push("data: [DONE]\n\n".into());
         for e in events {
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            tokio::time::sleep(Duration::from_millis(400)).await;
             let chunk = format!("{:x}\r\n{e}\r\n", e.len());
             if socket.write_all(chunk.as_bytes()).await.is_err() {
                 return;
@@ -296,8 +296,8 @@ async fn a_slow_healthy_stream_is_not_cut_and_pings_are_skipped() {
     })
     .await;
     let b = MockServer::start().await;
-    // 9 events 150 ms apart: 1.35 s in all, each gap well under the 600 ms timeout.
-    let k = kernel(&url, &b.uri(), Duration::from_millis(600), "");
+    // 9 events 400 ms apart: 3.6 s in all, each gap well under the 1.5 s timeout.
+    let k = kernel(&url, &b.uri(), Duration::from_millis(1_500), "");
     let t = token(&k, false);
     let mut chunks = Vec::new();
     let r = k
