@@ -151,6 +151,10 @@ impl Kernel {
     /// [`Error::InvalidRequest`] for bad options or a ledger key that does not match the database;
     /// [`Error::Unavailable`] when the file cannot be opened or migrated.
     pub fn open(path: impl AsRef<Path>, options: KernelOptions) -> Result<Kernel> {
+        if path.as_ref().as_os_str().is_empty() {
+            // SQLite would open a throwaway temporary database for "", which no other kernel sees.
+            return Err(Error::invalid("path", "must name a database file (or use an in-memory kernel)"));
+        }
         let store = SqliteStore::open(path.as_ref(), options.store)?;
         Kernel::with_store(Box::new(store), options)
     }
@@ -818,13 +822,18 @@ impl Kernel {
     /// Seals the rows of a database written before seals existed, each recorded as a baseline
     /// event; once done, the store is marked and a row without a seal is tampering.
     fn seal_unsealed(&self) -> Result<()> {
-        self.write(|tx| {
+        // A seal removed by hand is not baselined (see `seal_unsealed`): the open goes on, that row
+        // is refused when it is loaded, and the audit names it.
+        match self.write(|tx| {
             if tx.meta(META_SEALED)?.is_none() {
                 tx.seal_unsealed()?;
                 tx.set_meta(META_SEALED, "1")?;
             }
             Ok(Ok(()))
-        })
+        }) {
+            Err(Error::Tampered { .. }) => Ok(()),
+            other => other,
+        }
     }
 
     /// How many write operations this kernel's store has run in this process, and in how many

@@ -421,6 +421,30 @@ fn severing_from_another_process() {
     });
 }
 
+/// Rewrites the ledger as a version before seals wrote it (no `token_sha256` in creations and
+/// rotations) and re-chains it with `key`, as that version would have.
+fn rewrite_as_before_seals(path: &Path, key: Option<&[u8]>) {
+    let hasher = ChainHasher::new(key).unwrap();
+    let k = open(path, key).unwrap();
+    let events = k.events(1, 100_000).unwrap();
+    drop(k);
+    let c = shell(path);
+    c.execute_batch("DROP TRIGGER ledger_no_update; DROP TRIGGER ledger_no_delete;").unwrap();
+    let mut prev = [0u8; 32];
+    for mut e in events {
+        let mut d: serde_json::Value = serde_json::from_str(&e.data).unwrap();
+        if let Some(map) = d.as_object_mut() {
+            map.remove("token_sha256");
+        }
+        e.data = d.to_string();
+        e.prev_hash = prev;
+        e.hash = hasher.link(&prev, &e.canonical_bytes());
+        prev = e.hash;
+        c.execute("UPDATE ledger SET data = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1", params![e.seq as i64, e.data, &e.prev_hash[..], &e.hash[..]])
+            .unwrap();
+    }
+}
+
 #[test]
 fn rows_written_before_seals_are_sealed_once_on_open() {
     both(|key| {
@@ -429,9 +453,11 @@ fn rows_written_before_seals_are_sealed_once_on_open() {
         let (k, token) = with_activity(&path, key);
         k.create_team(&TeamSpec::new("ops", 1_000)).unwrap();
         drop(k);
-        // As a database from before seals: no seal columns filled, no mark.
+        // As a database from before seals: no seal columns filled, no mark, and a ledger written
+        // as aex wrote it then (creations without a token digest), chained with the same hasher.
         let c = shell(&path);
         c.execute_batch("UPDATE agents SET seal = NULL, seal_tag = NULL; UPDATE teams SET seal = NULL, seal_tag = NULL; DELETE FROM meta WHERE key = 'sealed';").unwrap();
+        rewrite_as_before_seals(&path, key);
         let k = open(&path, key).unwrap();
         assert_eq!(events_of_kind(&k, "agent.recorded").len(), 1);
         assert_eq!(events_of_kind(&k, "team.recorded").len(), 1);
@@ -440,5 +466,83 @@ fn rows_written_before_seals_are_sealed_once_on_open() {
         // Once sealed, a missing seal is tampering again.
         c.execute("UPDATE agents SET seal = NULL", []).unwrap();
         assert_tampered(k.admit(&token, &req()), "seal");
+    });
+}
+
+/// An open execution's reservation inflated, or moved to another agent, by hand: releasing or
+/// expiring it would hand the difference back as budget, so the kernel refuses to settle it and
+/// no budget is exceeded.
+#[test]
+fn an_edited_open_execution_is_not_settled_into_free_budget() {
+    both(|key| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aex.db");
+        let k = open(&path, key).unwrap();
+        k.create_team(&TeamSpec { name: "pool".into(), budget_micro: 2_000, parent: None }).unwrap();
+        let mut spec = AgentSpec::new("atlas", 1_000);
+        spec.team = Some("pool".into());
+        let token = k.create_agent(&spec).unwrap().token.expose().to_string();
+        let other = agent(&k, "beta", 1_000);
+        agent(&k, "gamma", 1_000);
+        let small = || AdmitRequest::new(MODEL).input_tokens(1_000).max_output_tokens(500);
+        let inflated = k.admit(&token, &small()).unwrap();
+        shell(&path).execute("UPDATE executions SET reserved_micro = 1000000000 WHERE id = ?1", [&inflated.execution_id]).unwrap();
+        assert_tampered(k.release(&inflated.execution_id, "cancelled"), "reserved_micro");
+        let moved = k.admit(&other, &small()).unwrap();
+        shell(&path)
+            .execute("UPDATE executions SET agent_id = (SELECT id FROM agents WHERE name = 'gamma'), agent = 'gamma' WHERE id = ?1", [&moved.execution_id])
+            .unwrap();
+        // gamma holds nothing: the moved reservation would leave it below zero.
+        k.commit(&inflated.execution_id, Usage::new(0, 0)).unwrap_err();
+        assert_tampered(k.release(&moved.execution_id, "cancelled"), "reserved_micro");
+        for name in ["atlas", "beta", "gamma"] {
+            let a = k.agent(name).unwrap();
+            assert!(a.reserved_micro >= 0 && a.spent_micro + a.reserved_micro <= a.budget_micro, "{a:?}");
+        }
+        let team = k.team("pool").unwrap();
+        assert!(team.reserved_micro >= 0 && team.spent_micro + team.reserved_micro <= team.budget_micro, "{team:?}");
+        assert!(!k.audit(None).unwrap().is_clean());
+    });
+}
+
+/// Deleting the store's `sealed` mark (or a row's seal) does not turn a loosened row into a new
+/// baseline: the row stays refused, and no keyed event is written over it.
+#[test]
+fn a_removed_seal_is_not_baselined_again() {
+    both(|key| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aex.db");
+        let (k, token) = with_activity(&path, key);
+        drop(k);
+        let sh = shell(&path);
+        sh.execute_batch("UPDATE agents SET budget_micro = 1000000000, seal = NULL, seal_tag = NULL; DELETE FROM meta WHERE key = 'sealed';").unwrap();
+        let k = open(&path, key).unwrap();
+        assert!(events_of_kind(&k, "agent.recorded").is_empty(), "no baseline over a loosened row");
+        assert_tampered(k.admit(&token, &req()), "seal");
+        assert!(!k.audit(None).unwrap().is_clean());
+    });
+}
+
+/// Limits edited out of range by hand reach the seal check instead of failing every read: below
+/// zero is a restriction (recorded), above the range a loosening (refused); the rest of the
+/// database, listing and the audit included, keeps working.
+#[test]
+fn limits_out_of_range_are_checked_not_fatal() {
+    both(|key| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aex.db");
+        let (k, token) = with_activity(&path, key);
+        let beta = agent(&k, "beta", 1_000_000);
+        shell(&path).execute("UPDATE agents SET rpm = 1099511627776 WHERE name = 'atlas'", []).unwrap();
+        assert_tampered(k.admit(&token, &req()), "rpm");
+        k.admit(&beta, &req()).unwrap();
+        assert!(k.audit(None).is_ok(), "the audit runs");
+        shell(&path).execute("UPDATE agents SET rpm = -1, max_concurrent = -1 WHERE name = 'beta'", []).unwrap();
+        let denied = k.admit(&beta, &req()).unwrap_err();
+        assert!(denied.is_denial(), "a negative limit lets nothing through: {denied}");
+        assert_eq!(k.list_agents().unwrap().len(), 2);
+        let too_many: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+        shell(&path).execute("UPDATE agents SET allowed_models = ?1 WHERE name = 'beta'", [serde_json::to_string(&too_many).unwrap()]).unwrap();
+        assert_tampered(k.admit(&beta, &req()), "allowed_models");
     });
 }

@@ -26,16 +26,26 @@ def _part_text(part: Any) -> tuple[str, bool]:
     return (text if isinstance(text, str) else ""), False
 
 
+def _invalid(rule: str) -> Exception:
+    from .errors import InvalidRequest
+
+    return InvalidRequest(f"messages: {rule}", reason="invalid_request", field="messages")
+
+
 def normalize_messages(messages: Any) -> tuple[list[tuple[str, str]], bool]:
     """(role, text) pairs from OpenAI-style dicts, LangChain messages or (role, text) tuples,
     and whether any message carries an image."""
     if messages is None:
         return [], False
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, (list, tuple)):
+        raise _invalid(f"must be a list of messages, got {type(messages).__name__}")
     out: list[tuple[str, str]] = []
     has_image = False
-    for m in messages:
+    for i, m in enumerate(messages):
         if isinstance(m, (tuple, list)) and len(m) == 2 and isinstance(m[0], str):
             role, content = m[0], m[1]
+        elif isinstance(m, (str, bytes)) or not (isinstance(m, Mapping) or hasattr(m, "content")):
+            raise _invalid(f"item {i} must be a message (a dict, a (role, text) pair or a message object), got {type(m).__name__}")
         else:
             role = _get(m, "role") or _get(m, "type") or "user"
             content = _get(m, "content")

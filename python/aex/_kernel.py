@@ -40,6 +40,10 @@ class Kernel(_aex.Kernel):
     open one in each worker.
     """
 
+    def __new__(cls, path: Union[str, "os.PathLike[str]"], **kwargs: Any) -> "Kernel":
+        # A path-like is accepted wherever a path is (``pathlib.Path`` included).
+        return super().__new__(cls, os.fspath(path), **kwargs)
+
     @classmethod
     def open(cls, home: Union[str, os.PathLike[str], None] = None, **kwargs: Any) -> "Kernel":
         """Opens ``~/.aex/aex.db`` (or ``home``/aex.db), with ``models.yaml`` beside it if present.

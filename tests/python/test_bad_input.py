@@ -80,3 +80,23 @@ def test_exact_amounts_are_exact(kernel):
     got = {a["name"]: a["budget_micro"] for a in kernel.list_agents()}
     assert got == {"a": 1, "b": 12_345_678, "c": 100_000, "d": 3_000_000}
     assert aex.usd_to_micro("0.01") == 10_000 and aex.format_usd(10_000) == "0.01"
+
+
+def test_messages_must_be_a_list_of_messages(kernel):
+    token = kernel.create_agent("shape", "1.00")
+    for bad in ["a string" * 100, ["a string"], {"role": "user", "content": "hi"}, [b"bytes"]]:
+        with pytest.raises(aex.InvalidRequest) as e:
+            with kernel.guard(token, "mini", messages=bad, max_output_tokens=10):
+                pass
+        assert e.value.field == "messages", bad
+    assert kernel.agent("shape")["reserved_micro"] == 0
+
+
+def test_a_kernel_needs_a_path_and_takes_a_path_like(tmp_path):
+    import pathlib
+
+    with pytest.raises(aex.InvalidRequest) as e:
+        aex.Kernel("")
+    assert e.value.field == "path"
+    k = aex.Kernel(pathlib.Path(tmp_path) / "aex.db")
+    assert k.list_agents() == []

@@ -139,3 +139,26 @@ def test_async_client(tmp_path, provider):
     a = kernel.agent("atlas")
     assert a["reserved_micro"] == 0 and a["spent_micro"] >= 2 * 19
     assert_clean(kernel)
+
+
+@pytest.mark.parametrize("asked", [100_000, None, "not-given", 500])
+def test_the_cap_sent_is_the_reservations_whatever_was_asked(setup, provider, asked):
+    kernel, token, raw = setup
+    client = guard(raw, kernel, token)
+    extra = {} if asked == "not-given" else {"max_tokens": asked}
+    if asked == "not-given":
+        extra["max_tokens"] = openai.NOT_GIVEN
+    client.chat.completions.create(model="mini", messages=MSGS, **extra)
+    assert provider.requests[-1]["body"]["max_tokens"] == (500 if asked == 500 else 1000)
+    assert_clean(kernel)
+
+
+def test_output_multipliers_are_refused_before_anything_is_sent(setup, provider):
+    kernel, token, raw = setup
+    client = guard(raw, kernel, token)
+    sent = len(provider.requests)
+    with pytest.raises(aex.InvalidRequest) as e:
+        client.chat.completions.create(model="mini", messages=MSGS, n=5)
+    assert e.value.field == "n"
+    assert len(provider.requests) == sent
+    assert spent(kernel) == (0, 0)

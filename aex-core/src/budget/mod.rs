@@ -71,9 +71,26 @@ pub(crate) fn post(tx: &mut dyn Tx, hasher: &ChainHasher, e: &Execution, charged
         .agent_by_id(e.agent_id)?
         .ok_or_else(|| Error::Internal(format!("open execution '{}' has no agent", e.id)))?;
     period::renew_if_due(tx, hasher, &mut agent, now)?;
+    // An execution row edited by hand (a reservation inflated, moved to another agent) would take
+    // off more than its agent or team holds, and give the difference back as budget: refused.
+    let over = |holds: i64, who: &str| {
+        (e.reserved_micro < 0 || holds < e.reserved_micro).then(|| Error::Tampered {
+            field: "reserved_micro".into(),
+            message: format!(
+                "execution '{}' returns a reservation of {} micro-USD but {who} holds {holds}: the execution was edited by hand",
+                e.id, e.reserved_micro
+            ),
+        })
+    };
+    if let Some(err) = over(agent.reserved_micro, &format!("agent '{}'", agent.name)) {
+        return Err(err);
+    }
     tx.update_counters(agent.id, agent.spent_micro + charged, agent.reserved_micro - e.reserved_micro)?;
     for &id in &e.teams {
         let t = tx.team_by_id(id)?.ok_or_else(|| Error::Internal(format!("team {id} of execution '{}' is missing", e.id)))?;
+        if let Some(err) = over(t.reserved_micro, &format!("team '{}'", t.name)) {
+            return Err(err);
+        }
         tx.update_team_counters(id, t.spent_micro + charged, t.reserved_micro - e.reserved_micro)?;
     }
     rate::correct(tx, &e.rate_scopes, e.created_at_ms, rate_delta)

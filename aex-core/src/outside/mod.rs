@@ -368,6 +368,11 @@ impl<'t> Guard<'t> {
         if self.seen.contains_key(&(Table::Agents, agent.id)) {
             return Ok(agent);
         }
+        if agent.allowed_models.len() > crate::agent::MAX_ALLOWED_MODELS {
+            // More than aex ever writes (and comparing such lists would hold the write lock).
+            let rule = format!("lists {} models; aex allows at most {}", agent.allowed_models.len(), crate::agent::MAX_ALLOWED_MODELS);
+            return Err(tampered(Table::Agents, &agent.name, "allowed_models", rule));
+        }
         let (token, seal) = self.tx.agent_seal(agent.id)?.ok_or_else(|| Error::Internal("agent vanished inside a transaction".into()))?;
         let live = Recorded::of_agent(&agent, &hex::encode(token.0));
         self.verify(Table::Agents, agent.id, live, seal)?;
@@ -489,7 +494,31 @@ impl<'t> Guard<'t> {
     /// Seals every row that has no seal and records it as an `agent.recorded` / `team.recorded`
     /// baseline event: for a database written before seals existed. Run once, when the store's
     /// `sealed` mark is absent; afterwards a missing seal is tampering.
+    ///
+    /// Only a database that has never been sealed gets a baseline: if any row carries a seal, or
+    /// the ledger holds anything a sealing aex writes (baselines, operator edits, creations with
+    /// a token digest), an unsealed row was unsealed by hand — deleting the mark, or the seal
+    /// columns with the schema version, does not turn tampering into a baseline.
     pub(crate) fn seal_unsealed(&mut self) -> Result<()> {
+        let unsealed_agents: Vec<Agent> =
+            self.tx.agents()?.into_iter().filter(|a| matches!(self.tx.agent_seal(a.id), Ok(Some((_, None))))).collect();
+        let unsealed_teams: Vec<Team> = self.tx.teams()?.into_iter().filter(|t| matches!(self.tx.team_seal(t.id), Ok(None))).collect();
+        let Some(first) = unsealed_agents.first().map(|a| (Table::Agents, a.name.clone())).or_else(|| unsealed_teams.first().map(|t| (Table::Teams, t.name.clone())))
+        else {
+            return Ok(());
+        };
+        let any_sealed = self.tx.agents()?.len() > unsealed_agents.len() || self.tx.teams()?.len() > unsealed_teams.len();
+        let mut sealing_era = any_sealed;
+        if !sealing_era {
+            self.tx.for_each_event(1, &mut |e| {
+                sealing_era = matches!(e.kind.as_str(), "agent.recorded" | "team.recorded" | "agent.operator_edit" | "team.operator_edit")
+                    || (e.kind == "agent.created" && e.data.contains("token_sha256"));
+                Ok(!sealing_era)
+            })?;
+        }
+        if sealing_era {
+            return Err(tampered(first.0, &first.1, "seal", "has no seal, but this database was sealed: the seal was removed by hand".into()));
+        }
         for a in self.tx.agents()? {
             if let Some((token, None)) = self.tx.agent_seal(a.id)? {
                 let rec = Recorded::of_agent(&a, &hex::encode(token.0));

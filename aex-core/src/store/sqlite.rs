@@ -578,6 +578,14 @@ macro_rules! select_agents {
     };
 }
 
+/// A limit column as the rules hold it. A value edited out of range by hand reads as the nearest
+/// one in range — below zero as 0 (nothing passes: a restriction), above as the largest (a
+/// loosening) — so the row reaches the seal check, which records or refuses it, instead of
+/// failing every read of the table.
+fn limit_u32(v: Option<i64>) -> Option<u32> {
+    v.map(|v| u32::try_from(v.max(0)).unwrap_or(u32::MAX))
+}
+
 fn agent_from_row(r: &Row<'_>) -> rusqlite::Result<Agent> {
     let scope: String = r.get(3)?;
     let models: String = r.get(12)?;
@@ -592,13 +600,13 @@ fn agent_from_row(r: &Row<'_>) -> rusqlite::Result<Agent> {
         budget_micro: r.get(7)?,
         spent_micro: r.get(8)?,
         reserved_micro: r.get(9)?,
-        rpm: r.get(10)?,
+        rpm: limit_u32(r.get(10)?),
         tpm: r.get::<_, Option<i64>>(11)?.map(|v| v.max(0) as u64),
         allowed_models: serde_json::from_str(&models).unwrap_or_default(),
         capabilities: Capabilities { tools: r.get(13)?, streaming: r.get(14)?, vision: r.get(15)? },
         strict: r.get(16)?,
         allow_passthrough: r.get(17)?,
-        max_concurrent: r.get(18)?,
+        max_concurrent: limit_u32(r.get(18)?),
         budget_period: BudgetPeriod::parse(&r.get::<_, String>(19)?).unwrap_or_default(),
         period_start_ms: r.get(20)?,
         team_id: r.get(21)?,

@@ -156,7 +156,23 @@ class AsyncGovernedStream:
         return getattr(self._stream, name)
 
 
+def _omitted(value: Any) -> bool:
+    """The OpenAI SDK's markers for an argument not given (``NOT_GIVEN``, ``omit``)."""
+    return type(value).__name__ in ("NotGiven", "Omit")
+
+
 def _admit(kernel: Kernel, token: str, kind: str, kwargs: dict[str, Any]) -> _Call:
+    for key in [k for k, v in kwargs.items() if _omitted(v)]:
+        del kwargs[key]
+    for multiplier in ("n", "best_of"):
+        if kwargs.get(multiplier) not in (None, 1):
+            from ..errors import InvalidRequest
+
+            raise InvalidRequest(
+                f"{multiplier}: must be 1 (got {kwargs[multiplier]!r}): aex reserves for one completion per call",
+                reason="invalid_request",
+                field=multiplier,
+            )
     model = kwargs.get("model")
     if not isinstance(model, str):
         raise TypeError("aex: the request must name its model")
@@ -183,8 +199,11 @@ def _admit(kernel: Kernel, token: str, kind: str, kwargs: dict[str, Any]) -> _Ca
         tools=kwargs.get("tools") or kwargs.get("functions"),
         stream=stream,
     )
-    # The provider may not produce more than was reserved.
-    kwargs.setdefault(limit_key, admission.max_output_tokens)
+    # What is sent never asks for more than was reserved: the cap is the reservation's, whatever
+    # the caller asked (more, None, or nothing).
+    cap_keys = [k for k in ("max_tokens", "max_completion_tokens") if k in kwargs] if kind == "chat" else []
+    for key in cap_keys or [limit_key]:
+        kwargs[key] = admission.max_output_tokens
     if stream and kind == "chat":
         kwargs["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
     kernel.mark_dispatched(admission.execution_id)
