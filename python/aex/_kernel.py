@@ -42,7 +42,7 @@ class Kernel(_aex.Kernel):
 
     def __new__(cls, path: Union[str, "os.PathLike[str]"], **kwargs: Any) -> "Kernel":
         # A path-like is accepted wherever a path is (``pathlib.Path`` included).
-        return super().__new__(cls, os.fspath(path), **kwargs)
+        return cast("Kernel", super().__new__(cls, os.fspath(path), **kwargs))
 
     @classmethod
     def open(cls, home: Union[str, os.PathLike[str], None] = None, **kwargs: Any) -> "Kernel":

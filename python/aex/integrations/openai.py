@@ -201,7 +201,7 @@ def _admit(kernel: Kernel, token: str, kind: str, kwargs: dict[str, Any]) -> _Ca
     )
     # What is sent never asks for more than was reserved: the cap is the reservation's, whatever
     # the caller asked (more, None, or nothing).
-    cap_keys = [k for k in ("max_tokens", "max_completion_tokens") if k in kwargs] if kind == "chat" else []
+    cap_keys: list[str] = [k for k in ("max_tokens", "max_completion_tokens") if k in kwargs] if kind == "chat" else []
     for key in cap_keys or [limit_key]:
         kwargs[key] = admission.max_output_tokens
     if stream and kind == "chat":
