@@ -107,7 +107,10 @@ pub fn amount_micro(py: Python<'_>, field: &str, obj: &Bound<'_, PyAny>) -> PyRe
         return core(money::usd_from_f64(field, obj.extract()?));
     }
     if type_name(obj) == "Decimal" {
-        return core(money::parse_usd(field, &obj.str()?.to_string()));
+        // Plain notation (`1E+1` is 10), without trailing zeros (`0.0000010` is 0.000001).
+        let text: String = obj.call_method1("__format__", ("f",))?.extract()?;
+        let text = if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.') } else { text.as_str() };
+        return core(money::parse_usd(field, text));
     }
     Err(invalid(py, field, format!("must be a USD amount (str, int, float or Decimal), got {}", type_name(obj))))
 }

@@ -215,12 +215,12 @@ impl Kernel_ {
         config: Option<&str>,
         config_yaml: Option<&str>,
         durability: &str,
-        ledger_key: Option<Vec<u8>>,
+        ledger_key: Option<&Bound<'_, PyAny>>,
         reservation_ttl_ms: Option<i64>,
         manual_clock_ms: Option<i64>,
-        connect_timeout_ms: u64,
-        request_timeout_ms: u64,
-        max_retries: u32,
+        connect_timeout_ms: i64,
+        request_timeout_ms: i64,
+        max_retries: i64,
     ) -> PyResult<Self> {
         let mut options = KernelOptions::default();
         options.store = StoreOptions { durability: Durability::parse(durability).map_err(|e| err(py, &e))?, ..StoreOptions::default() };
@@ -230,10 +230,22 @@ impl Kernel_ {
             (None, Some(text)) => Config::from_yaml(text).map_err(|e| err(py, &e))?,
             (None, None) => Config::default(),
         };
-        options.ledger_key = ledger_key;
-        if connect_timeout_ms == 0 || request_timeout_ms == 0 || max_retries > 10 {
-            return Err(invalid(py, "timeouts", "timeouts must be positive and max_retries at most 10"));
+        options.ledger_key = match ledger_key {
+            None => None,
+            // A text key is used as its UTF-8 bytes.
+            Some(k) if k.is_instance_of::<pyo3::types::PyString>() => Some(k.extract::<String>()?.into_bytes()),
+            Some(k) if k.is_instance_of::<pyo3::types::PyBytes>() || k.is_instance_of::<pyo3::types::PyByteArray>() => Some(k.extract::<Vec<u8>>()?),
+            Some(_) => return Err(invalid(py, "ledger_key", "must be bytes or str")),
+        };
+        for (field, ms) in [("connect_timeout_ms", connect_timeout_ms), ("request_timeout_ms", request_timeout_ms)] {
+            if ms <= 0 {
+                return Err(invalid(py, field, format!("must be a positive number of milliseconds, got {ms}")));
+            }
         }
+        if !(0..=10).contains(&max_retries) {
+            return Err(invalid(py, "max_retries", format!("must be between 0 and 10, got {max_retries}")));
+        }
+        let (connect_timeout_ms, request_timeout_ms, max_retries) = (connect_timeout_ms as u64, request_timeout_ms as u64, max_retries as u32);
         options.dispatch = aex_core::dispatch::DispatchOptions {
             connect_timeout: std::time::Duration::from_millis(connect_timeout_ms),
             request_timeout: std::time::Duration::from_millis(request_timeout_ms),

@@ -84,7 +84,7 @@ class Kernel:
         config: Optional[str] = None,
         config_yaml: Optional[str] = None,
         durability: str = "full",
-        ledger_key: Optional[bytes] = None,
+        ledger_key: Union[bytes, bytearray, str, None] = None,
         reservation_ttl_ms: Optional[int] = None,
         manual_clock_ms: Optional[int] = None,
         connect_timeout_ms: int = 10000,

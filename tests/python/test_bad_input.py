@@ -100,3 +100,24 @@ def test_a_kernel_needs_a_path_and_takes_a_path_like(tmp_path):
     assert e.value.field == "path"
     k = aex.Kernel(pathlib.Path(tmp_path) / "aex.db")
     assert k.list_agents() == []
+
+
+def test_amounts_keys_and_timeouts_in_their_usual_forms(tmp_path):
+    k = aex.Kernel(":memory:", config_yaml="models: {mini: {input_price: 1, output_price: 2}}")
+    k.create_agent("ten", Decimal("1E+1"))
+    k.create_agent("micro", Decimal("0.0000010"))
+    assert (k.agent("ten")["budget_micro"], k.agent("micro")["budget_micro"]) == (10_000_000, 1)
+    with pytest.raises(aex.InvalidRequest):
+        k.create_agent("too-fine", Decimal("0.0000015"))
+    keyed = aex.Kernel(str(tmp_path / "keyed.db"), ledger_key="a text key")
+    assert keyed.audit()["mode"] == "hmac-sha256"
+    with pytest.raises(aex.InvalidRequest) as e:
+        aex.Kernel(":memory:", ledger_key=42)
+    assert e.value.field == "ledger_key"
+    for field in ["connect_timeout_ms", "request_timeout_ms"]:
+        with pytest.raises(aex.InvalidRequest) as e:
+            aex.Kernel(":memory:", **{field: -1})
+        assert e.value.field == field
+    with pytest.raises(aex.InvalidRequest) as e:
+        aex.Kernel(":memory:", max_retries=-1)
+    assert e.value.field == "max_retries"
