@@ -37,14 +37,32 @@ def _hours_to_ms(hours: Optional[float]) -> Optional[int]:
     return None if hours is None else int(round(hours * _HOUR_MS))
 
 
+_MAX_TTL_HOURS = 24 * 366 * 100  # a century: anything longer is a mistake, not a lifetime
+
+
 def _positive_hours(text: str) -> float:
     try:
         hours = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of hours, got {text!r}") from None
-    if not hours > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    if not 0 < hours <= _MAX_TTL_HOURS:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be a positive number of hours up to {_MAX_TTL_HOURS}, got {text!r}")
     return hours
+
+
+def _int_between(low: int, high: int, what: str) -> Any:
+    """An argparse type: an integer from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"must be {what} from {low} to {high}, got {n}")
+        return n
+
+    return parse
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -247,7 +265,7 @@ class Cli:
         last = int(head.split(":")[0]) if head else 0
         events = k.events(max(1, last - self.args.n + 1), self.args.n) if last else []
         rows = [[str(e["seq"]), _ts(e["ts_ms"]), e["kind"], e["agent"] or "-", e["execution_id"] or "-", str(e["amount_micro"])] for e in events]
-        self.out(events, _table(rows, ["SEQ", "TIME", "KIND", "AGENT", "EXECUTION", "AMOUNT µ$"]) if rows else "empty ledger")
+        self.out(events, _table(rows, ["SEQ", "TIME", "KIND", "AGENT", "EXECUTION", "AMOUNT µ$"]) if head else "empty ledger")
         return 0
 
     def ledger_export(self) -> int:
@@ -277,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     c = agent.add_parser("create", help="create an agent and print its token once")
     c.add_argument("name")
     c.add_argument("budget_usd", help="budget in USD, e.g. 5.00")
-    c.add_argument("rpm", type=int, help="requests per minute")
+    c.add_argument("rpm", type=_int_between(1, 2**32 - 1, "a number of requests per minute"), help="requests per minute (at least 1)")
     c.add_argument("--tpm", type=int, help="tokens per minute")
     c.add_argument("--allowed-models", help="comma-separated models (default: any configured)")
     c.add_argument("--no-tools", action="store_true")
@@ -328,10 +346,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="print the version").set_defaults(run=Cli.version)
     ledger = sub.add_parser("ledger", help="read the ledger").add_subparsers(dest="ledger_command", required=True)
     lt = ledger.add_parser("tail", help="the newest events")
-    lt.add_argument("-n", type=int, default=20)
+    lt.add_argument("-n", type=_int_between(1, 100_000, "a number of events"), default=20)
     lt.set_defaults(run=Cli.ledger_tail)
     le = ledger.add_parser("export", help="every event as JSON lines")
-    le.add_argument("--from", dest="from_seq", type=int, default=1)
+    le.add_argument("--from", dest="from_seq", type=_int_between(1, 2**63 - 1, "a ledger sequence number"), default=1)
     le.set_defaults(run=Cli.ledger_export)
     return p
 
@@ -341,10 +359,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.run(Cli(args)))
     except AexError as e:
-        print(f"aex: error: {e.message} [{e.status} {e.reason}]", file=sys.stderr)
+        if args.json:  # scripts read the error where they read the answer
+            error = {"status": e.status, "reason": e.reason, "message": e.message, "field": getattr(e, "field", None)}
+            print(json.dumps({"error": error}, sort_keys=True))
+        else:
+            print(f"aex: error: {e.message} [{e.status} {e.reason}]", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"aex: error: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"status": 503, "reason": "io_error", "message": str(e), "field": None}}, sort_keys=True))
+        else:
+            print(f"aex: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

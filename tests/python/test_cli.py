@@ -67,7 +67,6 @@ def test_agent_lifecycle_with_the_daemon_argument_order(home):
     "args,needle",
     [
         (["agent", "create", "atlas", "-5", "30"], "budget_usd"),
-        (["agent", "create", "atlas", "5", "0"], "rpm"),
         (["agent", "create", "bad name", "5", "30"], "name"),
         (["agent", "create", "atlas", "5", "30", "--parent", "ghost"], "team_not_found"),
         (["agent", "inspect", "ghost"], "agent_not_found"),
@@ -112,3 +111,27 @@ def test_a_tampered_ledger_fails_the_audit(home, tmp_path):
         c.execute("UPDATE agents SET spent_micro = 1")
     proc = run_cli("audit", db=home, check=False)
     assert proc.returncode == 1 and "FAILED" in proc.stdout and "atlas" in proc.stdout
+
+
+def test_bad_numbers_are_usage_errors_not_tracebacks(db):
+    run_cli("agent", "create", "a", "1", "10", db=db)
+    for args, field in [
+        (["ledger", "tail", "-n", "-5"], "-n"),
+        (["ledger", "tail", "-n", "0"], "-n"),
+        (["ledger", "tail", "-n", "99999999999999999999"], "-n"),
+        (["ledger", "export", "--from", "-1"], "--from"),
+        (["agent", "create", "y", "5", "3", "--ttl", "inf"], "--ttl"),
+        (["agent", "create", "x", "5", "0"], "rpm"),
+    ]:
+        proc = run_cli(*args, db=db, check=False)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert f"argument {field}:" in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    proc = run_cli("ledger", "tail", "-n", "1", db=db)
+    assert "empty ledger" not in proc.stdout and "agent.created" in proc.stdout
+
+
+def test_json_errors_are_json(db):
+    proc = run_cli("--json", "agent", "inspect", "nobody", db=db, check=False)
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout)["error"]
+    assert (error["status"], error["reason"]) == (404, "agent_not_found")
