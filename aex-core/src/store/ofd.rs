@@ -135,16 +135,34 @@ mod imp {
 
     /// Asks the kernel about a lock with `F_OFD_GETLK` on a scratch file: old kernels say EINVAL.
     fn ofd_supported() -> bool {
-        let Ok(file) = tempfile_in_tmp() else { return false };
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // An anonymous in-memory file (no file system involved); a scratch file where there is
+        // no `memfd_create`.
+        // SAFETY: a NUL-terminated name; the descriptor, if any, is owned from here on.
+        let memfd = unsafe { libc::memfd_create(c"aex-ofd-probe".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd: OwnedFd = if memfd >= 0 {
+            // SAFETY: a descriptor just returned to us and owned by nothing else.
+            unsafe { OwnedFd::from_raw_fd(memfd) }
+        } else {
+            match tempfile_in_tmp() {
+                Ok(file) => file.into(),
+                Err(_) => return false,
+            }
+        };
         let mut probe = empty_lock(libc::F_WRLCK as i16);
         // SAFETY: a valid descriptor and a valid `flock`.
-        unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), F_OFD_GETLK, &raw mut probe) == 0 }
+        unsafe { libc::fcntl(fd.as_raw_fd(), F_OFD_GETLK, &raw mut probe) == 0 }
     }
 
+    /// A scratch file of this process's own: created new (never an existing file, or one a
+    /// symlink points to), then unlinked.
     fn tempfile_in_tmp() -> std::io::Result<std::fs::File> {
-        let dir = std::env::temp_dir();
-        let path = dir.join(format!(".aex-ofd-probe-{}", std::process::id()));
-        let file = std::fs::File::options().create(true).truncate(true).read(true).write(true).open(&path)?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(".aex-ofd-probe-{}-{nanos}", std::process::id()));
+        let mut options = std::fs::File::options();
+        options.create_new(true).read(true).write(true);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(&path)?;
         let _ = std::fs::remove_file(&path);
         Ok(file)
     }
