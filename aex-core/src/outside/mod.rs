@@ -500,41 +500,45 @@ impl<'t> Guard<'t> {
     /// a token digest), an unsealed row was unsealed by hand — deleting the mark, or the seal
     /// columns with the schema version, does not turn tampering into a baseline.
     pub(crate) fn seal_unsealed(&mut self) -> Result<()> {
-        let unsealed_agents: Vec<Agent> =
-            self.tx.agents()?.into_iter().filter(|a| matches!(self.tx.agent_seal(a.id), Ok(Some((_, None))))).collect();
-        let unsealed_teams: Vec<Team> = self.tx.teams()?.into_iter().filter(|t| matches!(self.tx.team_seal(t.id), Ok(None))).collect();
-        let Some(first) = unsealed_agents.first().map(|a| (Table::Agents, a.name.clone())).or_else(|| unsealed_teams.first().map(|t| (Table::Teams, t.name.clone())))
-        else {
-            return Ok(());
-        };
-        let any_sealed = self.tx.agents()?.len() > unsealed_agents.len() || self.tx.teams()?.len() > unsealed_teams.len();
-        let mut sealing_era = any_sealed;
-        if !sealing_era {
-            self.tx.for_each_event(1, &mut |e| {
-                sealing_era = matches!(e.kind.as_str(), "agent.recorded" | "team.recorded" | "agent.operator_edit" | "team.operator_edit")
-                    || (e.kind == "agent.created" && e.data.contains("token_sha256"));
-                Ok(!sealing_era)
-            })?;
-        }
-        if sealing_era {
-            return Err(tampered(first.0, &first.1, "seal", "has no seal, but this database was sealed: the seal was removed by hand".into()));
-        }
+        // Each row once, with its seal; store errors propagate.
+        let (mut sealed, mut agents, mut teams) = (false, Vec::new(), Vec::new());
         for a in self.tx.agents()? {
-            if let Some((token, None)) = self.tx.agent_seal(a.id)? {
-                let rec = Recorded::of_agent(&a, &hex::encode(token.0));
-                let kind = Table::Agents.baseline_kind();
-                ledger::append(self.tx, self.hasher, self.now, NewEvent::agent(kind, &a.name, 0, rec.to_json()))?;
-                self.seal(Table::Agents, a.id, rec)?;
+            match self.tx.agent_seal(a.id)? {
+                Some((token, None)) => agents.push((a, token)),
+                Some((_, Some(_))) => sealed = true,
+                None => {}
             }
         }
         for t in self.tx.teams()? {
-            if self.tx.team_seal(t.id)?.is_none() {
-                let rec = Recorded::of_team(&t);
-                let mut data = rec.to_json();
-                data["team"] = json!(t.name);
-                ledger::append(self.tx, self.hasher, self.now, NewEvent::global(Table::Teams.baseline_kind(), 0, data))?;
-                self.seal(Table::Teams, t.id, rec)?;
-            }
+            if self.tx.team_seal(t.id)?.is_none() { teams.push(t) } else { sealed = true }
+        }
+        let first = match (agents.first(), teams.first()) {
+            (Some((a, _)), _) => (Table::Agents, a.name.clone()),
+            (None, Some(t)) => (Table::Teams, t.name.clone()),
+            (None, None) => return Ok(()),
+        };
+        if !sealed {
+            self.tx.for_each_event(1, &mut |e| {
+                sealed = matches!(e.kind.as_str(), "agent.recorded" | "team.recorded" | "agent.operator_edit" | "team.operator_edit")
+                    || (e.kind == "agent.created" && e.data.contains("token_sha256"));
+                Ok(!sealed)
+            })?;
+        }
+        if sealed {
+            return Err(tampered(first.0, &first.1, "seal", "has no seal, but this database was sealed: the seal was removed by hand".into()));
+        }
+        for (a, token) in agents {
+            let rec = Recorded::of_agent(&a, &hex::encode(token.0));
+            let kind = Table::Agents.baseline_kind();
+            ledger::append(self.tx, self.hasher, self.now, NewEvent::agent(kind, &a.name, 0, rec.to_json()))?;
+            self.seal(Table::Agents, a.id, rec)?;
+        }
+        for t in teams {
+            let rec = Recorded::of_team(&t);
+            let mut data = rec.to_json();
+            data["team"] = json!(t.name);
+            ledger::append(self.tx, self.hasher, self.now, NewEvent::global(Table::Teams.baseline_kind(), 0, data))?;
+            self.seal(Table::Teams, t.id, rec)?;
         }
         Ok(())
     }
