@@ -114,11 +114,11 @@ async fn passthrough_keys_replace_the_host_key_and_need_permission() {
 
     k.call_provider(own.expose(), with_key("mini")).await.unwrap();
     k.call_provider(own.expose(), with_key("solo")).await.unwrap();
-    let e = k.call_provider(plain.expose(), with_key("mini")).await.unwrap_err();
+    let e = k.call_provider(plain.expose(), with_key("mini")).await.unwrap_err().error;
     assert_eq!((e.status(), e.reason()), (403, "passthrough_not_allowed"));
     assert!(!e.to_string().contains("sk-agent-own"));
     // The host holds no key for "strict": bring your own, or be refused before anything is sent.
-    let e = k.call_provider(own.expose(), chat("byok")).await.unwrap_err();
+    let e = k.call_provider(own.expose(), chat("byok")).await.unwrap_err().error;
     assert_eq!(e.reason(), "passthrough_required");
     k.call_provider(own.expose(), with_key("byok")).await.unwrap();
     assert_eq!(k.agent("plain").unwrap().reserved_micro, 0);
@@ -160,7 +160,7 @@ async fn a_stream_cut_or_abandoned_settles_from_counted_output() {
     let token = k.create_agent(&AgentSpec::new("atlas", 1_000_000)).unwrap().token;
     let mut call = chat("solo");
     call.body["stream"] = json!(true);
-    let e = k.stream_provider(token.expose(), call.clone(), &mut |_| true).await.unwrap_err();
+    let e = k.stream_provider(token.expose(), call.clone(), &mut |_| true).await.unwrap_err().error;
     assert_eq!(e.status(), 503, "{e}");
     let committed: Vec<_> = k.events(1, 100).unwrap().into_iter().filter(|e| e.kind == "execution.committed").collect();
     assert!(committed[0].data.contains("\"estimated\":true"), "{}", committed[0].data);
@@ -177,7 +177,7 @@ async fn a_provider_429_returns_the_reservation_with_its_retry_after() {
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(429).insert_header("retry-after", "2")).expect(1).mount(&a).await;
     let k = kernel(&a, &b, Duration::from_secs(5));
     let token = k.create_agent(&AgentSpec::new("atlas", 1_000_000)).unwrap().token;
-    let e = k.call_provider(token.expose(), chat("mini")).await.unwrap_err();
+    let e = k.call_provider(token.expose(), chat("mini")).await.unwrap_err().error;
     assert_eq!(e, Error::RateLimited { window: aex_core::RateWindow::Provider, limit: 0, retry_after_ms: 2_000 });
     let a_ = k.agent("atlas").unwrap();
     assert_eq!((a_.spent_micro, a_.reserved_micro), (0, 0));
@@ -216,7 +216,7 @@ async fn a_hang_past_the_timeout_is_charged_in_full_and_reported() {
     let token = k.create_agent(&AgentSpec::new("atlas", 1_000_000)).unwrap().token;
     let mut call = chat("solo");
     call.body["max_tokens"] = json!(10);
-    let e = k.call_provider(token.expose(), call).await.unwrap_err();
+    let e = k.call_provider(token.expose(), call).await.unwrap_err().error;
     assert_eq!(e.status(), 503);
     assert!(e.to_string().contains("no answer within 200 ms"), "{e}");
     // The request may have reached the provider: charged its full reservation (2 input tokens
@@ -279,7 +279,7 @@ fn the_blocking_api_and_concurrent_streams_racing_one_budget() {
                         admitted.fetch_add(1, Ordering::SeqCst);
                     }
                     Err(e) => {
-                        assert_eq!(e.status(), 402, "{e}");
+                        assert_eq!(e.error.status(), 402, "{e}");
                         return;
                     }
                 }
@@ -310,7 +310,7 @@ async fn an_unreachable_provider_returns_every_reservation() {
     };
     let k = Kernel::open_in_memory(options).unwrap();
     let token = k.create_agent(&AgentSpec::new("atlas", 1_000_000)).unwrap().token;
-    let e = k.call_provider(token.expose(), chat("lost")).await.unwrap_err();
+    let e = k.call_provider(token.expose(), chat("lost")).await.unwrap_err().error;
     assert_eq!(e.status(), 503, "{e}");
     assert!(e.to_string().contains("every attempt failed (3)"), "{e}");
     // Nothing was ever written to a provider: each attempt's reservation was released.
@@ -330,7 +330,7 @@ async fn an_execution_id_is_never_sent_twice() {
     let token = k.create_agent(&AgentSpec::new("atlas", 1_000_000)).unwrap().token;
     let call = ProviderCall { execution_id: Some("once".into()), ..chat("solo") };
     k.call_provider(token.expose(), call.clone()).await.unwrap();
-    let e = k.call_provider(token.expose(), call).await.unwrap_err();
+    let e = k.call_provider(token.expose(), call).await.unwrap_err().error;
     assert_eq!((e.status(), e.reason()), (409, "idempotency_conflict"));
     assert_eq!(k.agent("atlas").unwrap().spent_micro, 120);
     assert_clean(&k);

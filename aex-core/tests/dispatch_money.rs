@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use aex_core::dispatch::{DispatchOptions, Endpoint, ProviderCall};
+use aex_core::dispatch::{Cancel, DispatchOptions, Endpoint, ProviderCall};
 use aex_core::{AgentSpec, Config, Kernel, KernelOptions};
 use common::assert_clean;
 use serde_json::{Value, json};
@@ -103,7 +103,7 @@ async fn output_multipliers_are_refused_before_anything_is_reserved_or_sent() {
     let k = kernel(&a.uri(), &b.uri(), Duration::from_secs(5), "");
     let t = token(&k, false);
     for (field, extra) in [("n", json!({"n": 5})), ("best_of", json!({"best_of": 3})), ("n", json!({"n": "2"}))] {
-        let e = k.call_provider(&t, chat(extra)).await.unwrap_err();
+        let e = k.call_provider(&t, chat(extra)).await.unwrap_err().error;
         assert!(matches!(&e, aex_core::Error::InvalidRequest { field: f, .. } if f == field), "{e}");
     }
     k.call_provider(&t, chat(json!({"n": 1}))).await.unwrap_err(); // allowed; the mock has no reply
@@ -118,7 +118,7 @@ async fn redirects_are_not_followed_and_return_the_reservation() {
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(307).insert_header("location", elsewhere.as_str())).mount(&a).await;
     let k = kernel(&a.uri(), &b.uri(), Duration::from_secs(5), "");
     let t = token(&k, false);
-    let e = k.call_provider(&t, chat(json!({}))).await.unwrap_err();
+    let e = k.call_provider(&t, chat(json!({}))).await.unwrap_err().error;
     assert_eq!(e.status(), 503, "{e}");
     assert!(e.to_string().contains("redirect"), "{e}");
     assert_eq!(a.received_requests().await.unwrap().len(), 1, "answered once, not retried");
@@ -136,7 +136,7 @@ async fn a_passthrough_key_never_reaches_another_providers_fallback() {
     let t = token(&k, true);
     let mut call = chat(json!({}));
     call.passthrough_key = Some("sk-agent-own-key".into());
-    let e = k.call_provider(&t, call).await.unwrap_err();
+    let e = k.call_provider(&t, call).await.unwrap_err().error;
     assert_eq!(e.status(), 503, "{e}");
     assert_eq!(a.received_requests().await.unwrap().len(), 3, "tried and retried on its own provider");
     assert!(b.received_requests().await.unwrap().is_empty(), "the fallback's provider got neither the key nor the prompt");
@@ -152,7 +152,7 @@ async fn an_unreadable_2xx_is_charged_once_and_not_retried() {
         Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_raw(body, "application/json")).mount(&a).await;
         let k = kernel(&a.uri(), &b.uri(), Duration::from_secs(5), "");
         let t = token(&k, false);
-        let e = k.call_provider(&t, chat(json!({}))).await.unwrap_err();
+        let e = k.call_provider(&t, chat(json!({}))).await.unwrap_err().error;
         assert_eq!(e.status(), 503, "{e}");
         assert!(e.to_string().contains("charged"), "{e}");
         assert_eq!(a.received_requests().await.unwrap().len(), 1);
@@ -266,8 +266,13 @@ async fn a_connection_lost_after_sending_is_charged_and_not_retried() {
     let b = MockServer::start().await;
     let k = kernel(&url, &b.uri(), Duration::from_secs(5), "");
     let t = token(&k, false);
-    let e = k.call_provider(&t, chat(json!({}))).await.unwrap_err();
+    let failure = k.call_provider(&t, chat(json!({}))).await.unwrap_err();
+    let e = &failure.error;
     assert_eq!(e.status(), 503, "{e}");
+    // The failure says what it cost, and which execution it was.
+    let settlement = failure.settlement.as_ref().expect("the charged attempt's settlement");
+    assert_eq!(settlement.cost_micro, reservation(&k));
+    assert_eq!(failure.execution_id.as_deref(), Some(settlement.execution_id.as_str()));
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1, "sent once");
     assert!(b.received_requests().await.unwrap().is_empty());
     assert_eq!(books(&k), (reservation(&k), 0, vec!["execution.committed".into()]));
@@ -324,6 +329,124 @@ async fn the_providers_bytes_come_back_unchanged() {
     let t = token(&k, false);
     let r = k.call_provider(&t, chat(json!({}))).await.unwrap();
     assert_eq!(r.raw, body);
+    assert_clean(&k);
+}
+
+/// A server that answers a stream with `chunks` deltas of one word each, then stalls (never
+/// ends), or, with no chunks, reads the request and never answers.
+async fn stalling_server(chunks: usize) -> String {
+    raw_server(move |mut socket| async move {
+        if chunks > 0 {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            for i in 0..chunks {
+                let e = format!("data: {}\n\n", json!({"choices": [{"index": 0, "delta": {"content": format!("word{i} ")}}]}));
+                socket.write_all(format!("{:x}\r\n{e}\r\n", e.len()).as_bytes()).await.unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(socket);
+    })
+    .await
+}
+
+/// Cancelling a stream stops it at once — not at the provider's next chunk — and charges what was
+/// counted; the failure carries that settlement.
+#[tokio::test]
+async fn a_cancelled_stream_stops_at_once_and_is_charged_for_what_was_counted() {
+    let url = stalling_server(3).await;
+    let b = MockServer::start().await;
+    let k = kernel(&url, &b.uri(), Duration::from_secs(60), "");
+    let t = token(&k, false);
+    let call = chat(json!({"stream": true}));
+    let cancel = call.cancel.clone();
+    let mut seen = 0;
+    let started = std::time::Instant::now();
+    let failure = k
+        .stream_provider(&t, call, &mut |_| {
+            seen += 1;
+            if seen == 3 {
+                let c = cancel.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    c.cancel();
+                });
+            }
+            true
+        })
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(30), "returned at the cancellation, not at the provider's pace");
+    assert_eq!(failure.error.status(), 503, "{}", failure.error);
+    assert!(failure.error.to_string().contains("cancelled"), "{}", failure.error);
+    let s = failure.settlement.expect("settled");
+    let counted = aex_core::admission::count_text_tokens("capped", "word0 word1 word2 ");
+    let input = k.execution(&s.execution_id).unwrap().input_tokens;
+    assert_eq!(s.cost_micro, input + 2 * counted, "input plus the three words counted");
+    let (_, reserved, kinds) = books(&k);
+    assert_eq!((reserved, kinds), (0, vec!["execution.committed".to_string()]));
+    assert!(k.events(1, 100).unwrap().iter().any(|e| e.kind == "execution.committed" && e.data.contains("\"estimated\":true")));
+    assert_clean(&k);
+}
+
+/// Cancelled while waiting for the answer: the request was sent, nothing was seen, so the full
+/// reservation is charged (never under-charged).
+#[tokio::test]
+async fn a_call_cancelled_while_waiting_for_its_answer_is_charged_in_full() {
+    let url = stalling_server(0).await;
+    let b = MockServer::start().await;
+    let k = kernel(&url, &b.uri(), Duration::from_secs(60), "");
+    let t = token(&k, false);
+    let call = chat(json!({}));
+    let cancel = call.cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel();
+    });
+    let failure = tokio::time::timeout(Duration::from_secs(30), k.call_provider(&t, call)).await.expect("returned at the cancellation").unwrap_err();
+    assert_eq!(failure.settlement.map(|s| s.cost_micro), Some(reservation(&k)));
+    assert_eq!(books(&k), (reservation(&k), 0, vec!["execution.committed".into()]));
+    assert!(b.received_requests().await.unwrap().is_empty(), "no fallback after a cancellation");
+    assert_clean(&k);
+}
+
+/// Cancelled before anything was sent — up front, or during a retry's backoff after a free
+/// failure — nothing more is admitted or sent, and nothing is charged.
+#[tokio::test]
+async fn a_call_cancelled_before_sending_or_between_retries_costs_nothing() {
+    let a = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(503)).mount(&a).await;
+    let yaml = format!(
+        "providers:\n  primary: {{base_url: \"{}/v1\"}}\nmodels:\n  capped: {{provider: primary, input_price: 1, output_price: 2, max_output_tokens: 100}}\n",
+        a.uri()
+    );
+    let options = KernelOptions {
+        config: Config::from_yaml(&yaml).unwrap(),
+        dispatch: DispatchOptions { max_retries: 2, retry_base_delay: Duration::from_secs(60), ..Default::default() },
+        ..Default::default()
+    };
+    let k = Kernel::open_in_memory(options).unwrap();
+    let t = token(&k, false);
+
+    let up_front = chat(json!({}));
+    up_front.cancel.cancel();
+    let failure = k.call_provider(&t, up_front).await.unwrap_err();
+    assert_eq!((failure.execution_id, failure.settlement), (None, None), "nothing was admitted");
+    assert!(a.received_requests().await.unwrap().is_empty());
+
+    let call = chat(json!({}));
+    let cancel = Cancel::new();
+    let mut call = call;
+    call.cancel = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel();
+    });
+    let failure = tokio::time::timeout(Duration::from_secs(30), k.call_provider(&t, call)).await.expect("the backoff was cut short").unwrap_err();
+    assert_eq!(a.received_requests().await.unwrap().len(), 1, "no retry after the cancellation");
+    let s = failure.settlement.expect("the refused attempt's settlement");
+    assert_eq!((s.cost_micro, s.state), (0, aex_core::ExecutionState::Failed));
+    assert_eq!(books(&k), (0, 0, vec!["execution.failed".into()]));
     assert_clean(&k);
 }
 

@@ -552,7 +552,10 @@ fn provider_call(endpoint: *const c_char, request_json: *const c_char, passthrou
 /// `endpoint`: "chat", "responses" or "embeddings"), sends it to the model's provider, settles
 /// from the usage, and writes the provider's response JSON, unchanged, to `*response_json` (free
 /// with `aex_string_free`). `passthrough_key` (may be NULL) is the agent's own provider key; it
-/// is never recorded. `settlement_out` (may be NULL) receives the settlement. Blocks the calling
+/// is never recorded. `settlement_out` (may be NULL) receives the settlement — also when the
+/// call fails after its last attempt was settled: a charged failure (the request may have
+/// reached the provider: a cut answer, a timeout) or a returned reservation, so the host learns
+/// what it paid; it is left untouched when no attempt was admitted. Blocks the calling
 /// thread on the kernel's own runtime; thread-safe.
 ///
 /// # Safety
@@ -573,13 +576,29 @@ pub unsafe extern "C" fn aex_kernel_call(
         let token = arg_str(token, "token")?;
         let call = provider_call(endpoint, request_json, passthrough_key)?;
         out_ptr(response_json, "response_json")?;
-        let reply = with_kernel(k, |k| k.call_provider_blocking(token, call))?;
+        let reply = with_kernel(k, |k| Ok(k.call_provider_blocking(token, call)))?;
+        let reply = settled(reply, settlement_out)?;
         put(response_json, give_string(&reply.raw));
-        if !settlement_out.is_null() {
-            put(settlement_out, aex_settlement::from(&reply.settlement));
-        }
         Ok(())
     })
+}
+
+/// Writes what a governed call came to — its settlement, also when it failed after being
+/// settled (a charged failure, a refusal) — to `settlement_out` (may be NULL).
+fn settled(
+    result: Result<aex_core::dispatch::ProviderReply, aex_core::dispatch::CallFailure>,
+    settlement_out: *mut aex_settlement,
+) -> Result<aex_core::dispatch::ProviderReply, Error> {
+    let settlement = match &result {
+        Ok(reply) => Some(&reply.settlement),
+        Err(failure) => failure.settlement.as_ref(),
+    };
+    if let Some(s) = settlement
+        && !settlement_out.is_null()
+    {
+        put(settlement_out, aex_settlement::from(s));
+    }
+    result.map_err(Error::from)
 }
 
 struct Userdata(*mut std::ffi::c_void);
@@ -615,10 +634,8 @@ pub unsafe extern "C" fn aex_kernel_stream(
             // SAFETY: the caller promises a valid callback; `data` lives for the call.
             unsafe { callback(u.0, data.as_ptr().cast(), data.len()) }
         };
-        let reply = with_kernel(k, |k| k.stream_provider_blocking(token, call, &mut on_chunk))?;
-        if !settlement_out.is_null() {
-            put(settlement_out, aex_settlement::from(&reply.settlement));
-        }
+        let reply = with_kernel(k, |k| Ok(k.stream_provider_blocking(token, call, &mut on_chunk)))?;
+        settled(reply, settlement_out)?;
         Ok(())
     })
 }

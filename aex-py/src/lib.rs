@@ -536,7 +536,8 @@ impl Kernel_ {
 
     /// One governed provider call: `body` is the OpenAI-style request JSON for `endpoint`
     /// ("chat", "responses", "embeddings"); returns the provider's response JSON, unchanged.
-    #[pyo3(signature = (token, endpoint, body, *, passthrough_key=None, execution_id=None))]
+    /// `cancel` (a `Cancel`) stops it from another thread; Ctrl-C does too (see `governed`).
+    #[pyo3(signature = (token, endpoint, body, *, passthrough_key=None, execution_id=None, cancel=None))]
     fn call_provider(
         &self,
         py: Python<'_>,
@@ -545,14 +546,15 @@ impl Kernel_ {
         body: &str,
         passthrough_key: Option<String>,
         execution_id: Option<String>,
+        cancel: Option<PyRef<'_, PyCancel>>,
     ) -> PyResult<String> {
-        let call = provider_call(py, endpoint, body, passthrough_key, execution_id)?;
-        detach(py, || self.kernel.call_provider_blocking(token, call)).map(|r| r.raw)
+        let call = provider_call(py, endpoint, body, passthrough_key, execution_id, cancel)?;
+        governed(py, &self.kernel, token, call, None).map(|r| r.raw)
     }
 
     /// A streaming governed call: `on_chunk(data)` receives each SSE payload (a JSON string)
-    /// and returns False to stop. Returns the settlement.
-    #[pyo3(signature = (token, endpoint, body, on_chunk, *, passthrough_key=None, execution_id=None))]
+    /// and returns False to stop. Returns the settlement. `cancel` as for `call_provider`.
+    #[pyo3(signature = (token, endpoint, body, on_chunk, *, passthrough_key=None, execution_id=None, cancel=None))]
     fn stream_provider(
         &self,
         py: Python<'_>,
@@ -562,25 +564,10 @@ impl Kernel_ {
         on_chunk: Py<PyAny>,
         passthrough_key: Option<String>,
         execution_id: Option<String>,
+        cancel: Option<PyRef<'_, PyCancel>>,
     ) -> PyResult<PySettlement> {
-        let call = provider_call(py, endpoint, body, passthrough_key, execution_id)?;
-        let mut callback_error: Option<PyErr> = None;
-        let result = py.detach(|| {
-            let mut on_data = |data: &str| {
-                Python::attach(|py| match on_chunk.call1(py, (data,)).and_then(|r| r.is_truthy(py)) {
-                    Ok(go_on) => go_on,
-                    Err(e) => {
-                        callback_error = Some(e);
-                        false
-                    }
-                })
-            };
-            self.kernel.stream_provider_blocking(token, call, &mut on_data)
-        });
-        if let Some(e) = callback_error {
-            return Err(e);
-        }
-        result.map(|r| PySettlement::from(r.settlement)).map_err(|e| err(py, &e))
+        let call = provider_call(py, endpoint, body, passthrough_key, execution_id, cancel)?;
+        governed(py, &self.kernel, token, call, Some(&on_chunk)).map(|r| PySettlement::from(r.settlement))
     }
 
     /// For benchmarks: `n` admit + commit calls made from Rust on this kernel, with the GIL
@@ -604,13 +591,116 @@ fn provider_call(
     body: &str,
     passthrough_key: Option<String>,
     execution_id: Option<String>,
+    cancel: Option<PyRef<'_, PyCancel>>,
 ) -> PyResult<aex_core::dispatch::ProviderCall> {
     let endpoint = aex_core::dispatch::Endpoint::parse(endpoint).map_err(|e| err(py, &e))?;
     let body: serde_json::Value = serde_json::from_str(body).map_err(|e| invalid(py, "body", e.to_string()))?;
     let mut call = aex_core::dispatch::ProviderCall::new(endpoint, body);
     call.passthrough_key = passthrough_key;
     call.execution_id = execution_id;
+    if let Some(c) = cancel {
+        call.cancel = c.0.clone();
+    }
     Ok(call)
+}
+
+/// How often a governed call in progress looks for a signal (Ctrl-C) to act on.
+const SIGNAL_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Runs one governed call (streamed when `on_chunk` is given) with the GIL released. Meanwhile
+/// it looks for a pending signal every [`SIGNAL_POLL`] (Python runs signal handlers on the main
+/// thread only; elsewhere this finds none): a handler that raises (Ctrl-C's
+/// `KeyboardInterrupt`) cancels the call, which settles by the money rules at once, and its
+/// exception is raised when the call has settled. An exception raised by `on_chunk` stops the
+/// stream the same way and is raised. A failure is raised as the `aex.errors` exception with
+/// `execution_id` and `settlement` set when an attempt was admitted.
+fn governed(
+    py: Python<'_>,
+    kernel: &Kernel,
+    token: &str,
+    call: aex_core::dispatch::ProviderCall,
+    on_chunk: Option<&Py<PyAny>>,
+) -> PyResult<aex_core::dispatch::ProviderReply> {
+    let cancel = call.cancel.clone();
+    let mut interrupted: Option<PyErr> = None;
+    let mut callback_error: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let mut on_data = |data: &str| {
+            let Some(on_chunk) = on_chunk else { return false };
+            Python::attach(|py| match on_chunk.call1(py, (data,)).and_then(|r| r.is_truthy(py)) {
+                Ok(go_on) => go_on,
+                Err(e) => {
+                    callback_error = Some(e);
+                    false
+                }
+            })
+        };
+        let work = async {
+            match on_chunk {
+                Some(_) => kernel.stream_provider(token, call, &mut on_data).await,
+                None => kernel.call_provider(token, call).await,
+            }
+        };
+        let watch = async {
+            let mut tick = tokio::time::interval(SIGNAL_POLL);
+            loop {
+                tick.tick().await;
+                if let Err(e) = Python::attach(|py| py.check_signals()) {
+                    return e;
+                }
+            }
+        };
+        kernel.block_on(async {
+            tokio::pin!(work);
+            tokio::select! {
+                r = &mut work => r,
+                e = watch => {
+                    interrupted = Some(e);
+                    cancel.cancel();
+                    work.await
+                }
+            }
+        })
+    });
+    if let Some(e) = interrupted.or(callback_error) {
+        return Err(e);
+    }
+    match result {
+        Err(e) => Err(err(py, &e)),
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(failure)) => {
+            let e = err(py, &failure.error);
+            let value = e.value(py);
+            value.setattr("execution_id", failure.execution_id)?;
+            value.setattr("settlement", failure.settlement.map(PySettlement::from))?;
+            Err(e)
+        }
+    }
+}
+
+/// Cancels a governed call (`Kernel.call_provider` / `stream_provider`) from another thread:
+/// the call stops wherever it waits and settles by the money rules (released if nothing was
+/// sent, else charged from the counted output, or at the full reservation). Thread-safe.
+#[pyclass(frozen, name = "Cancel", module = "aex._aex")]
+struct PyCancel(aex_core::dispatch::Cancel);
+
+#[pymethods]
+impl PyCancel {
+    #[new]
+    fn new() -> Self {
+        PyCancel(aex_core::dispatch::Cancel::new())
+    }
+
+    /// Cancels the call (idempotent).
+    fn cancel(&self) {
+        self.0.cancel();
+    }
+
+    /// Whether `cancel()` was called.
+    #[getter]
+    fn cancelled(&self) -> bool {
+        self.0.is_cancelled()
+    }
 }
 
 fn hex_encode(bytes: &[u8]) -> String {
@@ -667,6 +757,7 @@ fn _aex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyAdmission>()?;
     m.add_class::<PySettlement>()?;
     m.add_class::<PyCall>()?;
+    m.add_class::<PyCancel>()?;
     m.add_function(wrap_pyfunction!(check_config, m)?)?;
     m.add_function(wrap_pyfunction!(usd_to_micro, m)?)?;
     m.add_function(wrap_pyfunction!(format_usd, m)?)?;

@@ -63,6 +63,15 @@ class Settlement:
     def to_dict(self) -> dict[str, Any]: ...
 
 @final
+class Cancel:
+    """Cancels a governed call from another thread; see the native module's docs."""
+
+    def __new__(cls) -> Cancel: ...
+    def cancel(self) -> None: ...
+    @property
+    def cancelled(self) -> bool: ...
+
+@final
 class Call:
     """One provider call in flight; see the native module's docs."""
 
@@ -157,7 +166,14 @@ class Kernel:
     def models(self) -> dict[str, Any]: ...
     def now_ms(self) -> int: ...
     def call_provider(
-        self, token: str, endpoint: str, body: str, *, passthrough_key: Optional[str] = None, execution_id: Optional[str] = None
+        self,
+        token: str,
+        endpoint: str,
+        body: str,
+        *,
+        passthrough_key: Optional[str] = None,
+        execution_id: Optional[str] = None,
+        cancel: Optional[Cancel] = None,
     ) -> str: ...
     def stream_provider(
         self,
@@ -168,6 +184,7 @@ class Kernel:
         *,
         passthrough_key: Optional[str] = None,
         execution_id: Optional[str] = None,
+        cancel: Optional[Cancel] = None,
     ) -> Settlement: ...
     def _bench_native(self, token: str, model: str, n: int) -> float: ...
 

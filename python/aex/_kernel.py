@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Optional, Union, cast
@@ -118,77 +119,117 @@ class Kernel(_aex.Kernel):
         """As :meth:`chat`, for embeddings."""
         return self._call("embeddings", token, body, passthrough_key, execution_id)
 
-    def _call(self, endpoint: str, token: str, body: dict[str, Any], key: Optional[str], execution_id: Optional[str]) -> dict[str, Any]:
-        raw = self.call_provider(token, endpoint, json.dumps(body), passthrough_key=key, execution_id=execution_id)
+    def _call(
+        self,
+        endpoint: str,
+        token: str,
+        body: dict[str, Any],
+        key: Optional[str],
+        execution_id: Optional[str],
+        cancel: Optional[_aex.Cancel] = None,
+    ) -> dict[str, Any]:
+        raw = self.call_provider(token, endpoint, json.dumps(body), passthrough_key=key, execution_id=execution_id, cancel=cancel)
         result: dict[str, Any] = json.loads(raw)
         return result
 
     def chat_stream(self, token: str, *, passthrough_key: Optional[str] = None, execution_id: Optional[str] = None, **body: Any) -> Iterator[dict[str, Any]]:
         """A governed streaming chat completion: yields the provider's chunks as dicts as they
-        arrive. Closing the iterator early stops the stream; the call is settled either way (from
-        the usage chunk, or from the counted output, marked estimated)."""
+        arrive. Closing the iterator early (``close()``, ``break``, an exception, Ctrl-C) stops
+        the stream at once, without waiting for the provider's next chunk; the call is settled
+        either way (from the usage chunk, or from the counted output, marked estimated)."""
         body["stream"] = True
-        return self._stream("chat", token, body, passthrough_key, execution_id)
-
-    def _stream(self, endpoint: str, token: str, body: dict[str, Any], key: Optional[str], execution_id: Optional[str]) -> Iterator[dict[str, Any]]:
         items: "queue.Queue[Any]" = queue.Queue()
-        stop = threading.Event()
-        end = object()
-        outcome: dict[str, BaseException] = {}
-
-        def on_chunk(data: str) -> bool:
-            items.put(data)
-            return not stop.is_set()
-
-        def run() -> None:
-            try:
-                self.stream_provider(token, endpoint, json.dumps(body), on_chunk, passthrough_key=key, execution_id=execution_id)
-            except BaseException as e:  # handed to the consumer
-                outcome["error"] = e
-            finally:
-                items.put(end)
-
-        worker = threading.Thread(target=run, name="aex-stream", daemon=True)
-        worker.start()
+        pump = _Pump(self, token, "chat", body, passthrough_key, execution_id, items.put)
         try:
-            while (item := items.get()) is not end:
+            while (item := items.get()) is not _END:
                 yield json.loads(item)
-            if "error" in outcome:
-                raise outcome["error"]
+            pump.raise_error()
         finally:
-            stop.set()
-            worker.join()
+            pump.stop()
 
-    async def achat(self, token: str, **kwargs: Any) -> dict[str, Any]:
-        """The async twin of :meth:`chat` (the blocking call runs in a worker thread)."""
-        return await asyncio.to_thread(self.chat, token, **kwargs)
+    async def achat(self, token: str, *, passthrough_key: Optional[str] = None, execution_id: Optional[str] = None, **body: Any) -> dict[str, Any]:
+        """The async twin of :meth:`chat` (the blocking call runs in a worker thread). Cancelling
+        the task cancels the call at once; it is settled by the money rules before the
+        cancellation propagates."""
+        cancel = _aex.Cancel()
+        task = asyncio.ensure_future(asyncio.to_thread(self._call, "chat", token, body, passthrough_key, execution_id, cancel))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancel.cancel()
+            with contextlib.suppress(BaseException):
+                await task  # returns at once now, with the call settled
+            raise
 
-    async def achat_stream(self, token: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
-        """The async twin of :meth:`chat_stream`."""
+    async def achat_stream(self, token: str, *, passthrough_key: Optional[str] = None, execution_id: Optional[str] = None, **body: Any) -> AsyncIterator[dict[str, Any]]:
+        """The async twin of :meth:`chat_stream`: leaving it early (``break`` then ``aclose()``,
+        cancelling the task, a timeout) stops the stream at once."""
         loop = asyncio.get_running_loop()
         items: "asyncio.Queue[Any]" = asyncio.Queue()
-        end = object()
 
-        def pump() -> None:
-            try:
-                for chunk in self.chat_stream(token, **kwargs):
-                    loop.call_soon_threadsafe(items.put_nowait, chunk)
-            except BaseException as e:
-                loop.call_soon_threadsafe(items.put_nowait, e)
-            finally:
-                loop.call_soon_threadsafe(items.put_nowait, end)
+        def put(item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is reading
+                loop.call_soon_threadsafe(items.put_nowait, item)
 
-        worker = loop.run_in_executor(None, pump)
-        while (item := await items.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        await worker
+        body["stream"] = True
+        pump = _Pump(self, token, "chat", body, passthrough_key, execution_id, put)
+        try:
+            while (item := await items.get()) is not _END:
+                yield json.loads(item)
+            pump.raise_error()
+        finally:
+            pump.stop()
 
     def guard(self, token: str, model: str, **request: Any) -> "Guard":
         """A context manager around one call: admits on enter (a denial raises before the body
         runs), settles on a clean exit, releases on an exception (which propagates)."""
         return Guard(self, token, model, request)
+
+
+_END = object()
+
+
+class _Pump:
+    """One governed stream running on a worker thread, each payload handed to ``sink`` as it
+    arrives and ``_END`` after the last. :meth:`stop` cancels it wherever it waits (the call
+    settles by the money rules) and returns once it has settled."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        token: str,
+        endpoint: str,
+        body: dict[str, Any],
+        key: Optional[str],
+        execution_id: Optional[str],
+        sink: Callable[[Any], None],
+    ) -> None:
+        self.cancel = _aex.Cancel()
+        self.error: Optional[BaseException] = None
+        request = json.dumps(body)
+
+        def on_chunk(data: str) -> bool:
+            sink(data)
+            return not self.cancel.cancelled
+
+        def run() -> None:
+            try:
+                kernel.stream_provider(token, endpoint, request, on_chunk, passthrough_key=key, execution_id=execution_id, cancel=self.cancel)
+            except BaseException as e:  # handed to the consumer
+                self.error = e
+            finally:
+                sink(_END)
+
+        self.thread = threading.Thread(target=run, name="aex-stream", daemon=True)
+        self.thread.start()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.cancel.cancel()
+        self.thread.join()
 
 
 class Guard:

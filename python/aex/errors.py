@@ -59,6 +59,10 @@ class AexError(Exception):
         self.team = team
         self.retry_after_ms = retry_after_ms
         self.limit = limit
+        # Set by governed calls (``kernel.chat`` and friends) that failed after an attempt was
+        # admitted: that attempt's execution id and its settlement (what the failure cost).
+        self.execution_id: Optional[str] = None
+        self.settlement: Optional[Any] = None
 
     @property
     def needed_usd(self) -> Optional[Decimal]:

@@ -7,10 +7,11 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use super::sse::Lines;
-use super::{DispatchOptions, Endpoint, Failure, ProviderCall, ProviderReply, admit_request, passthrough_required};
+use super::{CallFailure, Cancel, DispatchOptions, Endpoint, Failure, ProviderCall, ProviderReply, admit_request, passthrough_required};
 use crate::Kernel;
 use crate::call::{Call, Ending, Settled, output_of};
 use crate::error::{Error, RateWindow, Result};
+use crate::settlement::Settlement;
 
 /// The dispatcher's lazily built parts, owned by the kernel: one HTTP client (connection pool)
 /// and, for the blocking API, one runtime. `Send + Sync`.
@@ -90,13 +91,60 @@ fn jitter(base: Duration, attempt: u32) -> Duration {
     base.mul_f64(f64::from(1u32 << attempt.min(10)) * factor)
 }
 
+/// The last attempt admitted, and its settlement once made: what a failed call reports.
+#[derive(Default)]
+struct Last {
+    execution_id: Option<String>,
+    settlement: Option<Settlement>,
+}
+
+impl Last {
+    fn admitted(&mut self, id: &str) {
+        self.execution_id = Some(id.to_string());
+        self.settlement = None;
+    }
+
+    /// Ends `call` and remembers its settlement.
+    fn end(&mut self, call: Call, ending: Ending) -> Result<Settled> {
+        let settled = call.end(ending);
+        if let Ok(s) = &settled {
+            self.settlement = Some(s.settlement.clone());
+        }
+        settled
+    }
+
+    fn fail(&self, error: Error) -> CallFailure {
+        CallFailure { error, execution_id: self.execution_id.clone(), settlement: self.settlement.clone() }
+    }
+}
+
+/// What waiting for the provider came to.
+enum Wait<T> {
+    Done(T),
+    TimedOut,
+    Cancelled,
+}
+
+/// Waits for `f` at most `limit`, or until the call is cancelled.
+async fn wait<T>(cancel: &Cancel, limit: Duration, f: impl std::future::Future<Output = T>) -> Wait<T> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Wait::Cancelled,
+        r = tokio::time::timeout(limit, f) => r.map_or(Wait::TimedOut, Wait::Done),
+    }
+}
+
+fn cancelled() -> Error {
+    Error::Unavailable("cancelled by the caller before the request was sent; nothing was charged".into())
+}
+
 /// Runs the whole call: attempts, retries with backoff, fallbacks.
 pub(super) async fn run<'c>(
     kernel: &Kernel,
     token: &str,
     call: ProviderCall,
     mut on_chunk: Option<&mut (dyn FnMut(&str) -> bool + Send + 'c)>,
-) -> Result<ProviderReply> {
+) -> std::result::Result<ProviderReply, CallFailure> {
     let model = call.body.get("model").and_then(Value::as_str).ok_or_else(|| Error::invalid("model", "the request must name its model"))?.to_string();
     let config = kernel.config();
     let provider_of = |m: &str| config.model(m).and_then(|s| s.provider.clone());
@@ -110,10 +158,17 @@ pub(super) async fn run<'c>(
     let options = kernel.dispatch_state().options;
     let mut attempts = 0;
     let mut last = String::new();
+    let mut tried = Last::default();
     for (f, candidate) in std::iter::once(&model).chain(fallbacks.iter()).enumerate() {
         for retry in 0..=options.max_retries {
             if retry > 0 {
-                tokio::time::sleep(jitter(options.retry_base_delay, retry - 1)).await;
+                let pause = jitter(options.retry_base_delay, retry - 1);
+                if let Wait::Cancelled = wait(&call.cancel, pause, std::future::pending::<()>()).await {
+                    return Err(tried.fail(cancelled()));
+                }
+            }
+            if call.cancel.is_cancelled() {
+                return Err(tried.fail(cancelled()));
             }
             let mut id = base_id.clone();
             if f > 0 {
@@ -125,12 +180,12 @@ pub(super) async fn run<'c>(
             attempts += 1;
             let mut body = call.body.clone();
             body["model"] = Value::String(candidate.clone());
-            match attempt(kernel, token, &call, &body, candidate, &id, on_chunk.as_deref_mut()).await {
+            match attempt(kernel, token, &call, &body, candidate, &id, on_chunk.as_deref_mut(), &mut tried).await {
                 Ok(mut reply) => {
                     reply.attempts = attempts;
                     return Ok(reply);
                 }
-                Err(Failure::Final(e)) if f == 0 || !e.is_denial() => return Err(e),
+                Err(Failure::Final(e)) if f == 0 || !e.is_denial() => return Err(tried.fail(e)),
                 Err(Failure::Final(e)) => {
                     // A fallback the agent may not use: try the next one.
                     last = e.to_string();
@@ -140,7 +195,7 @@ pub(super) async fn run<'c>(
             }
         }
     }
-    Err(Error::Unavailable(format!("every attempt failed ({attempts}); last: {last}")))
+    Err(tried.fail(Error::Unavailable(format!("every attempt failed ({attempts}); last: {last}"))))
 }
 
 /// Sets the output cap the request is sent with to the reservation's, whatever the caller asked
@@ -170,6 +225,7 @@ fn charged(model: &str, why: &str, settled: Result<Settled>) -> Failure {
     Failure::Final(Error::Unavailable(format!("{model}: {why}; it may have reached the provider, so it was {how}")))
 }
 
+#[allow(clippy::too_many_arguments)] // one attempt's whole context, passed once
 async fn attempt<'c>(
     kernel: &Kernel,
     token: &str,
@@ -178,6 +234,7 @@ async fn attempt<'c>(
     model: &str,
     id: &str,
     on_chunk: Option<&mut (dyn FnMut(&str) -> bool + Send + 'c)>,
+    last: &mut Last,
 ) -> std::result::Result<ProviderReply, Failure> {
     let route = route(kernel, model, call.endpoint, call.passthrough_key.as_deref()).map_err(Failure::Final)?;
     let request = admit_request(call.endpoint, body, id, call.passthrough_key.is_some()).map_err(Failure::Final)?;
@@ -189,6 +246,7 @@ async fn attempt<'c>(
             message: format!("execution '{id}' was already sent (it is {}); aex never sends an execution twice", admission.state.as_str()),
         }));
     }
+    last.admitted(id);
     // Admission succeeds only for configured models, which always have a route.
     let route = route.ok_or_else(|| Failure::Final(Error::Internal(format!("model '{model}' admitted without a route"))))?;
     let mut governed = Call::new(kernel, &admission, &route.upstream_model);
@@ -214,25 +272,31 @@ async fn attempt<'c>(
     if let Some(key) = &route.key {
         req = req.bearer_auth(key);
     }
-    let response = match tokio::time::timeout(timeout, req.send()).await {
-        Ok(Ok(r)) => {
+    let cancel = &call.cancel;
+    let response = match wait(cancel, timeout, req.send()).await {
+        Wait::Done(Ok(r)) => {
             governed.sent();
             r
         }
-        Ok(Err(e)) if e.is_connect() => {
+        Wait::Done(Err(e)) if e.is_connect() => {
             // Nothing was written: the reservation returns, and another try costs nothing.
-            let _ = governed.end(Ending::Interrupted("cannot connect".into()));
+            let _ = last.end(governed, Ending::Interrupted("cannot connect".into()));
             return Err(Failure::Retryable(format!("{model}: cannot reach the provider ({})", e.without_url())));
         }
-        Ok(Err(e)) => {
+        Wait::Done(Err(e)) => {
             governed.sent();
             let why = format!("the connection failed after the request was sent ({})", e.without_url());
-            return Err(charged(model, &why, governed.end(Ending::Interrupted(why.clone()))));
+            return Err(charged(model, &why, last.end(governed, Ending::Interrupted(why.clone()))));
         }
-        Err(_) => {
+        Wait::TimedOut => {
             governed.sent();
             let why = format!("no answer within {} ms", timeout.as_millis());
-            return Err(charged(model, &why, governed.end(Ending::Interrupted(why.clone()))));
+            return Err(charged(model, &why, last.end(governed, Ending::Interrupted(why.clone()))));
+        }
+        Wait::Cancelled => {
+            governed.sent();
+            let why = "cancelled by the caller while waiting for the answer".to_string();
+            return Err(charged(model, &why, last.end(governed, Ending::Interrupted(why.clone()))));
         }
     };
     let status = response.status();
@@ -245,10 +309,10 @@ async fn attempt<'c>(
                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                 .or_else(|| Some(response.headers().get("retry-after")?.to_str().ok()?.parse::<f64>().ok()? as u64 * 1000))
                 .unwrap_or(1_000);
-            governed.end(refused).map_err(Failure::Final)?;
+            last.end(governed, refused).map_err(Failure::Final)?;
             return Err(Failure::Final(Error::RateLimited { window: RateWindow::Provider, limit: 0, retry_after_ms }));
         }
-        governed.end(refused).map_err(Failure::Final)?;
+        last.end(governed, refused).map_err(Failure::Final)?;
         return Err(if status.is_server_error() {
             Failure::Retryable(format!("{model}: provider answered {status}"))
         } else if status.is_redirection() {
@@ -259,35 +323,16 @@ async fn attempt<'c>(
     }
 
     let Some(on_chunk) = on_chunk else {
-        let bytes = match tokio::time::timeout(timeout, response.bytes()).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                let why = format!("its answer was cut ({})", e.without_url());
-                return Err(charged(model, &why, governed.end(Ending::Interrupted(why.clone()))));
-            }
-            Err(_) => {
-                let why = format!("its answer did not arrive within {} ms", timeout.as_millis());
-                return Err(charged(model, &why, governed.end(Ending::Interrupted(why.clone()))));
-            }
+        let why = match wait(cancel, timeout, response.bytes()).await {
+            Wait::Done(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
+                Ok(value) => return complete(governed, last, model, embeddings, value, &bytes),
+                Err(_) => format!("its answer ({status}) is not JSON"),
+            },
+            Wait::Done(Err(e)) => format!("its answer was cut ({})", e.without_url()),
+            Wait::TimedOut => format!("its answer did not arrive within {} ms", timeout.as_millis()),
+            Wait::Cancelled => "cancelled by the caller while its answer arrived".to_string(),
         };
-        let Ok(value) = serde_json::from_slice::<Value>(&bytes) else {
-            let why = format!("its answer ({status}) is not JSON");
-            return Err(charged(model, &why, governed.end(Ending::Interrupted(why.clone()))));
-        };
-        governed.output(&output_of(&value));
-        if let Some(u) = value.get("usage") {
-            governed.usage(u, embeddings);
-        }
-        let settled = governed.end(Ending::Completed).map_err(Failure::Final)?;
-        let raw = String::from_utf8_lossy(&bytes).into_owned();
-        return Ok(ProviderReply {
-            response: value,
-            raw,
-            model: model.to_string(),
-            settlement: settled.settlement,
-            attempts: 1,
-            estimated: settled.estimated,
-        });
+        return Err(charged(model, &why, last.end(governed, Ending::Interrupted(why.clone()))));
     };
 
     // Streaming: pass each payload through; feed the call its output and usage. A gap between
@@ -298,15 +343,19 @@ async fn attempt<'c>(
     let mut abandoned = false;
     let mut cut = None;
     'read: loop {
-        let chunk = match tokio::time::timeout(timeout, bytes.next()).await {
-            Ok(Some(Ok(c))) => c,
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
+        let chunk = match wait(cancel, timeout, bytes.next()).await {
+            Wait::Done(Some(Ok(c))) => c,
+            Wait::Done(None) => break,
+            Wait::Done(Some(Err(e))) => {
                 cut = Some(format!("the stream was cut ({})", e.without_url()));
                 break;
             }
-            Err(_) => {
+            Wait::TimedOut => {
                 cut = Some(format!("the stream stalled for {} ms", timeout.as_millis()));
+                break;
+            }
+            Wait::Cancelled => {
+                cut = Some("the caller cancelled it".to_string());
                 break;
             }
         };
@@ -337,13 +386,33 @@ async fn attempt<'c>(
         (None, true) => Ending::Interrupted("abandoned by the caller".into()),
         (None, false) => Ending::Completed,
     };
-    let settled = governed.end(ending).map_err(Failure::Final)?;
+    let settled = last.end(governed, ending).map_err(Failure::Final)?;
     if let Some(why) = early {
         return Err(Failure::Final(Error::Unavailable(format!("{model}: {why}; settled from the counted output"))));
     }
     Ok(ProviderReply {
         response: Value::Null,
         raw: String::new(),
+        execution_id: id.to_string(),
+        model: model.to_string(),
+        settlement: settled.settlement,
+        attempts: 1,
+        estimated: settled.estimated,
+    })
+}
+
+/// A plain (not streamed) answer read in full: settle from its usage and hand back its bytes.
+fn complete(mut governed: Call, last: &mut Last, model: &str, embeddings: bool, value: Value, bytes: &[u8]) -> std::result::Result<ProviderReply, Failure> {
+    governed.output(&output_of(&value));
+    if let Some(u) = value.get("usage") {
+        governed.usage(u, embeddings);
+    }
+    let execution_id = governed.execution_id().to_string();
+    let settled = last.end(governed, Ending::Completed).map_err(Failure::Final)?;
+    Ok(ProviderReply {
+        response: value,
+        raw: String::from_utf8_lossy(bytes).into_owned(),
+        execution_id,
         model: model.to_string(),
         settlement: settled.settlement,
         attempts: 1,

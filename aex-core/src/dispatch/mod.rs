@@ -32,7 +32,12 @@
 //! model's `fallbacks` are tried in order; with a passthrough key only fallbacks of the same
 //! provider are. Every attempt is its own execution (`ID`, `ID.retry1`, `ID.fallback1`, ...), and
 //! an execution id that was admitted before is never sent again (`Conflict`,
-//! `idempotency_conflict`).
+//! `idempotency_conflict`). A failed call reports its last attempt's execution id and settlement
+//! ([`CallFailure`]), so the caller learns what a charged failure cost.
+//!
+//! **Cancellation.** [`ProviderCall::cancel`] stops a call from elsewhere at once, wherever it
+//! waits — never at the provider's pace — and it settles by the same rule: released before its
+//! request started to be sent (and no retry or fallback follows), charged after.
 
 mod http;
 mod sse;
@@ -108,6 +113,65 @@ impl Default for DispatchOptions {
     }
 }
 
+/// A handle that cancels a governed call from elsewhere (another thread, a signal handler's
+/// flag, an async task being dropped). Cheap to clone; every clone cancels the same call.
+///
+/// A cancelled call stops at once, wherever it is waiting (connecting, for the answer, between
+/// stream chunks, before a retry), and settles by the money rules: released if its request had
+/// not started to be sent, otherwise charged — from the counted output, or at the full
+/// reservation when nothing was seen — and then fails with [`Error::Unavailable`] ("cancelled
+/// by the caller"). `Send + Sync`.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(tokio_util::sync::CancellationToken);
+
+impl Cancel {
+    /// A handle that has not been cancelled.
+    pub fn new() -> Self {
+        Cancel::default()
+    }
+
+    /// Cancels the call (idempotent).
+    pub fn cancel(&self) {
+        self.0.cancel();
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.is_cancelled()
+    }
+
+    pub(crate) async fn cancelled(&self) {
+        self.0.cancelled().await;
+    }
+}
+
+/// A governed call that failed, and what its last attempt came to: the execution id and its
+/// settlement, so a caller can tell what it paid (a charged failure) and look the call up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct CallFailure {
+    /// Why it failed.
+    pub error: Error,
+    /// The last attempt's execution id; `None` when no attempt was admitted (a denial, a
+    /// malformed body).
+    pub execution_id: Option<String>,
+    /// That attempt's settlement (charged, failed or released); `None` when it was not settled
+    /// (no attempt admitted, or its settlement itself failed and the TTL rule will settle it).
+    pub settlement: Option<Settlement>,
+}
+
+impl From<Error> for CallFailure {
+    fn from(error: Error) -> Self {
+        CallFailure { error, execution_id: None, settlement: None }
+    }
+}
+
+impl From<CallFailure> for Error {
+    fn from(f: CallFailure) -> Self {
+        f.error
+    }
+}
+
 /// One governed provider call.
 #[derive(Debug, Clone)]
 pub struct ProviderCall {
@@ -119,12 +183,14 @@ pub struct ProviderCall {
     pub passthrough_key: Option<String>,
     /// The execution id of the first attempt; a UUIDv7 when `None`.
     pub execution_id: Option<String>,
+    /// Cancels the call; keep a clone to cancel it from elsewhere.
+    pub cancel: Cancel,
 }
 
 impl ProviderCall {
     /// A call to `endpoint` with `body`.
     pub fn new(endpoint: Endpoint, body: Value) -> Self {
-        ProviderCall { endpoint, body, passthrough_key: None, execution_id: None }
+        ProviderCall { endpoint, body, passthrough_key: None, execution_id: None, cancel: Cancel::new() }
     }
 }
 
@@ -136,6 +202,8 @@ pub struct ProviderReply {
     pub response: Value,
     /// The provider's response body exactly as it sent it (empty for a stream).
     pub raw: String,
+    /// The execution id of the attempt that answered.
+    pub execution_id: String,
     /// The model that answered (the requested one, or a fallback).
     pub model: String,
     /// The execution that was settled.
@@ -245,15 +313,19 @@ pub(crate) fn admit_request(endpoint: Endpoint, body: &Value, execution_id: &str
     })
 }
 
+// A failure carries what it cost; it is the cold path, so its size does not matter.
+#[allow(clippy::result_large_err)]
 impl Kernel {
     /// Makes one governed provider call (see the module docs) and returns the provider's
     /// response unchanged.
     ///
     /// # Errors
-    /// The admission's denials; [`Error::RateLimited`] (`provider_rate_limit`) on a provider 429;
-    /// [`Error::Unavailable`] when every attempt failed; [`Error::InvalidRequest`] for a malformed
-    /// body or a provider 4xx.
-    pub async fn call_provider(&self, token: &str, call: ProviderCall) -> Result<ProviderReply> {
+    /// A [`CallFailure`]: the error — the admission's denials; [`Error::RateLimited`]
+    /// (`provider_rate_limit`) on a provider 429; [`Error::Unavailable`] when every attempt
+    /// failed, when an attempt failed after its request may have reached the provider (charged),
+    /// or when the call was cancelled; [`Error::InvalidRequest`] for a malformed body or a
+    /// provider 4xx — with the last attempt's execution id and settlement.
+    pub async fn call_provider(&self, token: &str, call: ProviderCall) -> std::result::Result<ProviderReply, CallFailure> {
         http::run(self, token, call, None).await
     }
 
@@ -264,7 +336,12 @@ impl Kernel {
     /// # Errors
     /// As [`Kernel::call_provider`]; a stream cut off mid-way is settled, then reported as
     /// [`Error::Unavailable`].
-    pub async fn stream_provider(&self, token: &str, call: ProviderCall, on_chunk: &mut (dyn FnMut(&str) -> bool + Send)) -> Result<ProviderReply> {
+    pub async fn stream_provider(
+        &self,
+        token: &str,
+        call: ProviderCall,
+        on_chunk: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> std::result::Result<ProviderReply, CallFailure> {
         http::run(self, token, call, Some(on_chunk)).await
     }
 
@@ -273,16 +350,31 @@ impl Kernel {
     ///
     /// # Errors
     /// As [`Kernel::call_provider`].
-    pub fn call_provider_blocking(&self, token: &str, call: ProviderCall) -> Result<ProviderReply> {
-        self.dispatch_state().runtime()?.block_on(self.call_provider(token, call))
+    pub fn call_provider_blocking(&self, token: &str, call: ProviderCall) -> std::result::Result<ProviderReply, CallFailure> {
+        self.block_on(self.call_provider(token, call))?
     }
 
     /// [`Kernel::stream_provider`] on the kernel's own runtime.
     ///
     /// # Errors
     /// As [`Kernel::stream_provider`].
-    pub fn stream_provider_blocking(&self, token: &str, call: ProviderCall, on_chunk: &mut (dyn FnMut(&str) -> bool + Send)) -> Result<ProviderReply> {
-        self.dispatch_state().runtime()?.block_on(self.stream_provider(token, call, on_chunk))
+    pub fn stream_provider_blocking(
+        &self,
+        token: &str,
+        call: ProviderCall,
+        on_chunk: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> std::result::Result<ProviderReply, CallFailure> {
+        self.block_on(self.stream_provider(token, call, on_chunk))?
+    }
+
+    /// Runs `future` to completion on the kernel's dispatch runtime (one worker thread, built on
+    /// first use), on the calling thread: for bindings that wrap a governed call with work of
+    /// their own (watching for a signal, say). Must not be called from inside an async runtime.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if the runtime cannot be started.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> Result<F::Output> {
+        Ok(self.dispatch_state().runtime()?.block_on(future))
     }
 }
 
