@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use aex_core::dispatch::{Cancel, DispatchOptions, Endpoint, ProviderCall};
 use aex_core::{AgentSpec, Config, Kernel, KernelOptions};
-use common::assert_clean;
+use common::{assert_clean, raw_server};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -98,11 +97,12 @@ async fn the_output_cap_sent_is_the_reservations_whatever_the_body_asks() {
 }
 
 #[tokio::test]
-async fn output_multipliers_are_refused_before_anything_is_reserved_or_sent() {
+async fn output_multipliers_and_plain_streams_are_refused_before_anything_is_reserved_or_sent() {
     let (a, b) = (MockServer::start().await, MockServer::start().await);
     let k = kernel(&a.uri(), &b.uri(), Duration::from_secs(5), "");
     let t = token(&k, false);
-    for (field, extra) in [("n", json!({"n": 5})), ("best_of", json!({"best_of": 3})), ("n", json!({"n": "2"}))] {
+    // And a plain call asking to stream: its answer could not be read as one body.
+    for (field, extra) in [("n", json!({"n": 5})), ("best_of", json!({"best_of": 3})), ("n", json!({"n": "2"})), ("stream", json!({"stream": true}))] {
         let e = k.call_provider(&t, chat(extra)).await.unwrap_err().error;
         assert!(matches!(&e, aex_core::Error::InvalidRequest { field: f, .. } if f == field), "{e}");
     }
@@ -210,46 +210,6 @@ async fn tool_call_arguments_are_counted_when_no_usage_is_reported() {
         assert_eq!(output, args.len() as i64, "streamed={streamed}: the byte bound of the arguments, for a model without a tokenizer");
         assert_clean(&k);
     }
-}
-
-/// A raw HTTP server on 127.0.0.1 that hands each connection to `serve` after reading the
-/// request's head and body.
-async fn raw_server<F, Fut>(serve: F) -> String
-where
-    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let serve = std::sync::Arc::new(serve);
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let serve = serve.clone();
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let n = socket.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&seen);
-                    if let Some(head_end) = text.find("\r\n\r\n") {
-                        let length = text[..head_end]
-                            .lines()
-                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
-                            .unwrap_or(0);
-                        if seen.len() >= head_end + 4 + length {
-                            break;
-                        }
-                    }
-                }
-                serve(socket).await;
-            });
-        }
-    });
-    url
 }
 
 /// A provider that reads the whole request and closes the connection may have processed it:

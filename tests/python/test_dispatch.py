@@ -135,3 +135,12 @@ def test_timeouts_are_validated(tmp_path):
         aex.Kernel(":memory:", request_timeout_ms=0)
     with pytest.raises(aex.InvalidRequest):
         aex.Kernel(":memory:", max_retries=11)
+
+
+def test_a_plain_chat_asking_to_stream_is_refused_before_anything_is_reserved(kernel, providers):
+    token = kernel.create_agent("atlas", "1.00")
+    with pytest.raises(aex.errors.InvalidRequest) as caught:
+        kernel.chat(token, model="mini", messages=MSGS, stream=True)
+    assert caught.value.field == "stream"
+    assert not providers[0].requests and kernel.agent("atlas")["reserved_micro"] == 0
+    assert not [e for e in kernel.events(1, 100) if e.get("execution_id")]

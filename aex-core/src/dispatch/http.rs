@@ -146,6 +146,11 @@ pub(super) async fn run<'c>(
     mut on_chunk: Option<&mut (dyn FnMut(&str) -> bool + Send + 'c)>,
 ) -> std::result::Result<ProviderReply, CallFailure> {
     let model = call.body.get("model").and_then(Value::as_str).ok_or_else(|| Error::invalid("model", "the request must name its model"))?.to_string();
+    if on_chunk.is_none() && call.body.get("stream").and_then(Value::as_bool) == Some(true) {
+        // Its answer would be an event stream, unreadable as one JSON body: refused before any
+        // reservation, not charged as an unreadable answer.
+        return Err(Error::invalid("stream", "a plain call cannot stream: use the streaming call (stream_provider, chat_stream, aex_kernel_stream)").into());
+    }
     let config = kernel.config();
     let provider_of = |m: &str| config.model(m).and_then(|s| s.provider.clone());
     let mut fallbacks = config.model(&model).map(|s| s.fallbacks.clone()).unwrap_or_default();
