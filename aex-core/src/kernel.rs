@@ -376,6 +376,17 @@ impl Kernel {
         self.read(|tx| tx.agents())
     }
 
+    /// The agent a token belongs to, checked as admission checks it (known, unexpired, enabled),
+    /// without admitting anything or writing to the ledger: for surfaces that answer a token's
+    /// holder (a gateway's model list).
+    ///
+    /// # Errors
+    /// [`Error::Unauthenticated`] with its reason; the store's errors.
+    pub fn authenticate(&self, token: &str) -> Result<Agent> {
+        let now = self.now();
+        self.read(|tx| crate::admission::authenticate(tx, token, now))
+    }
+
     /// One agent's settings and counters (never its token).
     ///
     /// # Errors

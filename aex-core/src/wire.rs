@@ -216,6 +216,16 @@ pub fn settlement_json(s: &Settlement) -> Value {
     })
 }
 
+/// A ledger event: its fields, `data` parsed, `hash` as hex.
+pub fn event_json(e: &crate::ledger::Event) -> Value {
+    json!({
+        "seq": e.seq, "ts_ms": e.ts_ms, "kind": e.kind, "agent": e.agent,
+        "execution_id": e.execution_id, "amount_micro": e.amount_micro,
+        "data": serde_json::from_str::<Value>(&e.data).unwrap_or(Value::Null),
+        "hash": hex::encode(e.hash),
+    })
+}
+
 /// An audit report: `clean`, counts, head, and the first failure.
 pub fn audit_json(r: &AuditReport) -> Value {
     json!({

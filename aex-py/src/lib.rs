@@ -492,17 +492,7 @@ impl Kernel_ {
     #[pyo3(signature = (from_seq=1, limit=100))]
     fn events(&self, py: Python<'_>, from_seq: u64, limit: usize) -> PyResult<Py<PyAny>> {
         let events = detach(py, || self.kernel.events(from_seq, limit))?;
-        let list: Vec<serde_json::Value> = events
-            .iter()
-            .map(|e| {
-                serde_json::json!({
-                    "seq": e.seq, "ts_ms": e.ts_ms, "kind": e.kind, "agent": e.agent,
-                    "execution_id": e.execution_id, "amount_micro": e.amount_micro,
-                    "data": serde_json::from_str::<serde_json::Value>(&e.data).unwrap_or(serde_json::Value::Null),
-                    "hash": hex_encode(&e.hash),
-                })
-            })
-            .collect();
+        let list: Vec<serde_json::Value> = events.iter().map(wire::event_json).collect();
         serde_json::Value::from(list).to_py(py)
     }
 
@@ -523,7 +513,7 @@ impl Kernel_ {
     }
 
     fn config_hash(&self) -> String {
-        hex_encode(&self.kernel.config().hash())
+        self.kernel.config().hash_hex()
     }
 
     fn models(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
@@ -568,6 +558,64 @@ impl Kernel_ {
     ) -> PyResult<PySettlement> {
         let call = provider_call(py, endpoint, body, passthrough_key, execution_id, cancel)?;
         governed(py, &self.kernel, token, call, Some(&on_chunk)).map(|r| PySettlement::from(r.settlement))
+    }
+
+    /// Runs the OpenAI-compatible gateway (`aex_serve`) over this kernel until a signal handler
+    /// raises (Ctrl-C's `KeyboardInterrupt`; install one for SIGTERM), then shuts it down
+    /// gracefully (calls in flight finish within `shutdown_grace_ms`, the rest are cancelled and
+    /// settled) and raises that exception. Blocks with the GIL released; `ready(url)` is called
+    /// once it listens. Refuses a non-loopback `host` without `admin_token` (`InvalidRequest`).
+    #[pyo3(signature = (host="127.0.0.1", port=9000, *, admin_token=None, config_path=None, ready=None, shutdown_grace_ms=30_000))]
+    fn serve(
+        &self,
+        py: Python<'_>,
+        host: &str,
+        port: u16,
+        admin_token: Option<String>,
+        config_path: Option<std::path::PathBuf>,
+        ready: Option<Py<PyAny>>,
+        shutdown_grace_ms: u64,
+    ) -> PyResult<()> {
+        let ip: std::net::IpAddr = host.parse().map_err(|_| invalid(py, "host", format!("must be an IP address, got '{host}'")))?;
+        let options = aex_serve::ServeOptions {
+            addr: std::net::SocketAddr::new(ip, port),
+            admin_token,
+            config_path,
+            shutdown_grace: std::time::Duration::from_millis(shutdown_grace_ms),
+            ..aex_serve::ServeOptions::default()
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("aex-serve")
+            .enable_all()
+            .build()
+            .map_err(|e| err(py, &aex_core::Error::Unavailable(format!("cannot start the server runtime: {e}"))))?;
+        let mut stopped_by: Option<PyErr> = None;
+        let result = py.detach(|| {
+            runtime.block_on(async {
+                let gateway = aex_serve::Gateway::bind(self.kernel.clone(), options).await?;
+                let url = format!("http://{}/v1", gateway.local_addr()?);
+                if let Some(ready) = &ready
+                    && let Err(e) = Python::attach(|py| ready.call1(py, (url,)).map(drop))
+                {
+                    stopped_by = Some(e);
+                    return Ok(());
+                }
+                gateway
+                    .run(async {
+                        let mut tick = tokio::time::interval(SIGNAL_POLL);
+                        loop {
+                            tick.tick().await;
+                            if let Err(e) = Python::attach(|py| py.check_signals()) {
+                                stopped_by = Some(e);
+                                return;
+                            }
+                        }
+                    })
+                    .await
+            })
+        });
+        result.map_err(|e| err(py, &e))?;
+        stopped_by.map_or(Ok(()), Err)
     }
 
     /// For benchmarks: `n` admit + commit calls made from Rust on this kernel, with the GIL
@@ -703,10 +751,6 @@ impl PyCancel {
     }
 }
 
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn config_json(c: &Config) -> serde_json::Value {
     let models: serde_json::Map<String, serde_json::Value> = c
         .models()
@@ -721,7 +765,7 @@ fn config_json(c: &Config) -> serde_json::Value {
             }))
         })
         .collect();
-    serde_json::json!({ "hash": hex_encode(&c.hash()), "models": models })
+    serde_json::json!({ "hash": c.hash_hex(), "models": models })
 }
 
 /// Parses and validates a `models.yaml` without opening a kernel; returns its models and hash.

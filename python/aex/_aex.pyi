@@ -186,6 +186,16 @@ class Kernel:
         execution_id: Optional[str] = None,
         cancel: Optional[Cancel] = None,
     ) -> Settlement: ...
+    def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9000,
+        *,
+        admin_token: Optional[str] = None,
+        config_path: Optional[str] = None,
+        ready: Optional[Callable[[str], Any]] = None,
+        shutdown_grace_ms: int = 30000,
+    ) -> None: ...
     def _bench_native(self, token: str, model: str, n: int) -> float: ...
 
 def check_config(path: str) -> dict[str, Any]: ...

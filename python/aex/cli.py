@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,6 +104,29 @@ class Cli:
         print(json.dumps(data, indent=2, sort_keys=True) if self.args.json else text)
 
     # ---- commands --------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        a = self.args
+        admin_token = None
+        if a.admin_token_env:
+            admin_token = os.environ.get(a.admin_token_env)
+            if not admin_token:
+                raise AexError(f"admin token: the variable {a.admin_token_env} is not set", status=400, reason="invalid_request")
+        k = self.kernel()
+
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt  # SIGTERM stops it like Ctrl-C: gracefully
+
+        signal.signal(signal.SIGTERM, stop)
+
+        def ready(url: str) -> None:
+            print(f"aex serve: listening on {url} (database {self.db})", flush=True)
+
+        try:
+            k.serve(a.host, a.port, admin_token=admin_token, config_path=str(self.config) if self.config else None, ready=ready)
+        except KeyboardInterrupt:
+            print("aex serve: stopped", flush=True)
+        return 0
 
     def init(self) -> int:
         home = self.db.parent
@@ -343,6 +367,11 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument("path", nargs="?")
         m.set_defaults(run=run)
 
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible gateway: OPENAI_BASE_URL=http://HOST:PORT/v1, API key = agent token")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=_int_between(0, 65535, "a port"), default=9000, help="port (default 9000; 0: any free port)")
+    serve.add_argument("--admin-token-env", metavar="VAR", help="environment variable holding the admin token (required beyond loopback)")
+    serve.set_defaults(run=Cli.serve)
     sub.add_parser("version", help="print the version").set_defaults(run=Cli.version)
     ledger = sub.add_parser("ledger", help="read the ledger").add_subparsers(dest="ledger_command", required=True)
     lt = ledger.add_parser("tail", help="the newest events")

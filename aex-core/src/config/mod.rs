@@ -260,6 +260,11 @@ impl Config {
     pub fn hash(&self) -> [u8; 32] {
         self.source_hash.unwrap_or_else(|| Sha256::digest(format!("{self:?}").as_bytes()).into())
     }
+
+    /// [`Config::hash`] as lowercase hex, the form the ledger and the surfaces show.
+    pub fn hash_hex(&self) -> String {
+        hex::encode(self.hash())
+    }
 }
 
 fn validate_model(name: &str, spec: &ModelSpec) -> Result<()> {
