@@ -6,6 +6,11 @@ reach every nested run, so each node's model calls are admitted and settled. The
 runs inline and serves ``invoke`` and ``ainvoke`` alike; ``agovern`` attaches the async twin
 instead, for graphs whose nodes call their models with ``ainvoke`` (LangChain swallows an async
 handler's errors when it is driven from a sync call, so a denial would not stop a sync node).
+
+How each model call settles is the handler's (see :mod:`aex.integrations.langchain`): a graph run
+that is cancelled or times out (``task.cancel()``, ``asyncio.wait_for``) while a node awaits its
+model ends that call charged — the node's ``on_chain_error(CancelledError)`` reaches the handler
+at once — and a node whose stream is left early is charged for the output it saw.
 """
 
 from __future__ import annotations
