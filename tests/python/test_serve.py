@@ -1,0 +1,184 @@
+"""``aex serve`` with real clients: the official ``openai`` SDK (sync, async, streaming), LangChain's
+``ChatOpenAI`` with ``base_url``, and ``curl`` — against the gateway in front of a loopback
+provider; an in-process agent and HTTP agents spending one team budget at once without overshoot;
+SIGTERM stopping it cleanly."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import openai
+import pytest
+
+import aex
+from conftest import assert_clean
+from provider import Provider
+
+MSGS = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+def provider():
+    p = Provider()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def home(tmp_path, provider):
+    config = tmp_path / "models.yaml"
+    config.write_text(f"""
+providers:
+  local: {{base_url: "{provider.url}"}}
+models:
+  mini: {{provider: local, input_price: 1, output_price: 2, max_output_tokens: 1000}}
+  fail-429: {{provider: local, input_price: 1, output_price: 2}}
+""")
+    return tmp_path
+
+
+class Server:
+    def __init__(self, home, *extra: str) -> None:
+        self.db = str(home / "aex.db")
+        self.config = str(home / "models.yaml")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aex", "--db", self.db, "--config", str(home / "models.yaml"), "serve", "--port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line = self.proc.stdout.readline()
+        assert "listening on" in line, line + self.proc.stderr.read()
+        self.url = line.split("listening on ")[1].split()[0]
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=60)
+        return out
+
+
+@pytest.fixture
+def server(home):
+    s = Server(home)
+    yield s
+    s.stop()
+
+
+def test_the_openai_sdk_sync_async_and_streaming(server, home):
+    k = aex.Kernel(server.db, config=server.config)
+    token = k.create_agent("atlas", "1.00")
+    client = openai.OpenAI(base_url=server.url, api_key=token, max_retries=0)
+    r = client.chat.completions.create(model="mini", messages=MSGS)
+    assert r.choices[0].message.content == "Hello from the test provider." and r.usage.prompt_tokens == 100
+    chunks = list(client.chat.completions.create(model="mini", messages=MSGS, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the test provider."
+    assert client.embeddings.create(model="mini", input="hi").usage.prompt_tokens == 8
+    assert client.responses.create(model="mini", input="hi").output_text == "hello"
+
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=server.url, api_key=token, max_retries=0)
+        reply = await ac.chat.completions.create(model="mini", messages=MSGS)
+        stream = await ac.chat.completions.create(model="mini", messages=MSGS, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        return reply.usage.completion_tokens, text
+
+    assert asyncio.run(main()) == (6, "Hello from the test provider.")
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        client.chat.completions.create(model="nope", messages=MSGS)
+    assert caught.value.body["code"] == "model_not_configured"
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="fail-429", messages=MSGS)
+    agent = k.agent("atlas")
+    assert agent["reserved_micro"] == 0 and agent["spent_micro"] > 0
+    assert_clean(k)
+
+
+def test_langchain_chat_openai_with_base_url(server):
+    langchain_openai = pytest.importorskip("langchain_openai", reason="langchain-openai is not installed")
+    k = aex.Kernel(server.db, config=server.config)
+    token = k.create_agent("atlas", "1.00")
+    llm = langchain_openai.ChatOpenAI(model="mini", base_url=server.url, api_key=token, max_retries=0)
+    assert llm.invoke("hello").content == "Hello from the test provider."
+    assert k.agent("atlas")["spent_micro"] == 100 + 2 * 6
+    assert_clean(k)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl(server):
+    k = aex.Kernel(server.db, config=server.config)
+    token = k.create_agent("atlas", "1.00")
+    out = subprocess.run(
+        ["curl", "-s", "-D", "-", f"{server.url}/chat/completions", "-H", f"Authorization: Bearer {token}",
+         "-d", json.dumps({"model": "mini", "messages": MSGS})],
+        capture_output=True, check=True,
+    ).stdout.decode()
+    head, _, body = out.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200") and "x-aex-cost-micro: 112" in head
+    assert json.loads(body)["usage"]["completion_tokens"] == 6
+
+
+def test_in_process_and_http_agents_share_one_team_budget_without_overshoot(server):
+    k = aex.Kernel(server.db, config=server.config)
+    # Each call reserves 100 input + 2 * 1000 output = 2,100 and is charged 112.
+    k.create_team("fleet", "0.01")  # 10,000 micro-USD
+    tokens = [k.create_agent(f"a{i}", "1.00", team="fleet") for i in range(4)]
+    admitted = []
+    lock = threading.Lock()
+
+    def http_agent(token):
+        client = openai.OpenAI(base_url=server.url, api_key=token, max_retries=0)
+        for _ in range(15):
+            try:
+                client.chat.completions.create(model="mini", messages=MSGS)
+                with lock:
+                    admitted.append(token)
+            except openai.APIStatusError as e:
+                assert e.status_code == 402 and e.body["code"] == "team_budget_exceeded", e.body
+
+    def local_agent(token):
+        for _ in range(15):
+            try:
+                k.chat(token, model="mini", messages=MSGS)
+                with lock:
+                    admitted.append(token)
+            except aex.errors.InsufficientBudget as e:
+                assert e.reason == "team_budget_exceeded"
+
+    threads = [threading.Thread(target=http_agent, args=(t,)) for t in tokens[:3]] + [threading.Thread(target=local_agent, args=(tokens[3],))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    team = k.team("fleet")
+    assert team["reserved_micro"] == 0
+    assert team["spent_micro"] == 112 * len(admitted) <= 10_000
+    assert len(admitted) >= 4  # the budget was used, not refused wholesale
+    assert_clean(k)
+
+
+def test_sigterm_stops_the_gateway_cleanly(home):
+    s = Server(home)
+    out = s.stop()
+    assert s.proc.returncode == 0 and "stopped" in out
+
+
+def test_a_non_loopback_address_needs_an_admin_token(home):
+    proc = subprocess.run(
+        [sys.executable, "-m", "aex", "--db", str(home / "aex.db"), "serve", "--host", "0.0.0.0", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1 and "admin_token" in proc.stderr, proc.stderr
+    env = dict(os.environ, AEX_TEST_ADMIN="s3cret")
+    s = subprocess.Popen(
+        [sys.executable, "-m", "aex", "--db", str(home / "aex.db"), "serve", "--host", "0.0.0.0", "--port", "0", "--admin-token-env", "AEX_TEST_ADMIN"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert "listening on" in s.stdout.readline()
+    finally:
+        s.send_signal(signal.SIGTERM)
+        s.communicate(timeout=60)
