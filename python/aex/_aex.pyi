@@ -5,7 +5,7 @@ from typing import Any, Callable, Optional, Union, final
 
 from typing_extensions import disjoint_base
 
-__all__ = ["__version__", "Admission", "Call", "Kernel", "Settlement", "check_config", "count_tokens", "format_usd", "usd_to_micro"]
+__all__ = ["__version__", "Admission", "Call", "Cancel", "Kernel", "Settlement", "check_config", "count_tokens", "format_usd", "usd_to_micro"]
 __version__: str
 
 _Usd = Union[str, int, float, Decimal]
