@@ -28,6 +28,13 @@ pub(crate) async fn health(State(app): State<Arc<App>>) -> Response {
     }
 }
 
+/// Prometheus metrics: behind the admin token (they name every agent and its money).
+pub(crate) async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    admin(&app, &headers)?;
+    let text = app.metrics.render(&app.kernel)?;
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
+}
+
 pub(crate) async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let token = bearer(&headers)?;
     let agent = app.kernel.authenticate(&token)?;

@@ -100,6 +100,16 @@ impl ApiError {
     pub fn body(&self) -> &Value {
         &self.body
     }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable reason (the body's `code`).
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -11,7 +11,8 @@
 //! [`aex_core::dispatch`].
 //!
 //! Endpoints: `POST /v1/chat/completions`, `/v1/responses`, `/v1/embeddings` (also under
-//! `/openai/v1/`), `GET /v1/models`, `GET /health`, and the admin endpoints
+//! `/openai/v1/`), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus; see
+//! `metrics`), and the admin endpoints
 //! `POST /admin/reload_config`, `GET /admin/activity`, `GET /admin/replay`. Errors are
 //! OpenAI-shaped JSON ([`errors`]).
 //!
@@ -32,6 +33,7 @@
 pub mod errors;
 
 mod admin;
+mod metrics;
 mod proxy;
 
 use std::collections::HashMap;
@@ -139,6 +141,7 @@ pub(crate) struct App {
     pub(crate) kernel: Kernel,
     pub(crate) options: ServeOptions,
     pub(crate) flights: Arc<Flights>,
+    pub(crate) metrics: metrics::Metrics,
 }
 
 /// A bound gateway, ready to [`Gateway::run`].
@@ -166,7 +169,7 @@ impl Gateway {
             _ => {}
         }
         let listener = tokio::net::TcpListener::bind(options.addr).await.map_err(|e| Error::Unavailable(format!("cannot listen on {}: {e}", options.addr)))?;
-        Ok(Gateway { listener, app: Arc::new(App { kernel, options, flights: Arc::default() }) })
+        Ok(Gateway { listener, app: Arc::new(App { kernel, options, flights: Arc::default(), metrics: metrics::Metrics::default() }) })
     }
 
     /// The address it listens on (with the port the system chose for port 0).
@@ -237,6 +240,7 @@ fn router(app: Arc<App>) -> Router {
         .nest("/v1", governed.clone())
         .nest("/openai/v1", governed)
         .route("/health", get(admin::health))
+        .route("/metrics", get(admin::metrics))
         .route("/admin/reload_config", post(admin::reload_config))
         .route("/admin/activity", get(admin::activity))
         .route("/admin/replay", get(admin::replay))

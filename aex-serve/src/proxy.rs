@@ -67,18 +67,47 @@ enum Event {
 }
 
 pub(crate) async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    governed(app, Endpoint::ChatCompletions, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+    answer(app, Endpoint::ChatCompletions, headers, body).await
 }
 
 pub(crate) async fn responses(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    governed(app, Endpoint::Responses, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+    answer(app, Endpoint::Responses, headers, body).await
 }
 
 pub(crate) async fn embeddings(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    governed(app, Endpoint::Embeddings, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+    answer(app, Endpoint::Embeddings, headers, body).await
+}
+
+/// Runs a governed request and counts its answer.
+async fn answer(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let name = match endpoint {
+        Endpoint::ChatCompletions => "chat",
+        Endpoint::Responses => "responses",
+        Endpoint::Embeddings => "embeddings",
+    };
+    match governed(app.clone(), endpoint, headers, body).await {
+        Ok(response) => {
+            app.metrics.answered(name, response.status().as_u16(), "ok");
+            response
+        }
+        Err(e) => {
+            app.metrics.answered(name, e.status().as_u16(), e.code());
+            e.into_response()
+        }
+    }
+}
+
+/// Counts how a call settled.
+fn count(app: &App, result: &Result<ProviderReply, CallFailure>, started: std::time::Instant) {
+    match result {
+        Ok(reply) => app.metrics.settled(reply.settlement.state, reply.estimated, Some((reply.provider_time, started.elapsed()))),
+        Err(CallFailure { settlement: Some(s), .. }) => app.metrics.settled(s.state, false, None),
+        Err(_) => {}
+    }
 }
 
 async fn governed(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
     let token = bearer(&headers)?;
     let bytes = read_body(&app, body).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid("body", format!("is not valid JSON ({e})")))?;
@@ -91,8 +120,10 @@ async fn governed(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
     call.execution_id = headers.get("x-aex-execution-id").and_then(|v| v.to_str().ok()).map(str::to_string);
     let flight = app.flights.start(call.cancel.clone());
     if !stream {
-        let reply = app.kernel.call_provider(&token, call).await?;
+        let result = app.kernel.call_provider(&token, call).await;
         drop(flight);
+        count(&app, &result, started);
+        let reply = result?;
         let mut response = Response::new(Body::empty());
         let h = response.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -102,12 +133,13 @@ async fn governed(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
     }
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let kernel = app.kernel.clone();
     let on_drop = CancelOnDrop(call.cancel.clone());
+    let worker = app.clone();
     tokio::spawn(async move {
         let _flight = flight;
         let chunks = tx.clone();
-        let result = kernel.stream_provider(&token, call, &mut |data| chunks.send(Event::Data(data.to_string())).is_ok()).await;
+        let result = worker.kernel.stream_provider(&token, call, &mut |data| chunks.send(Event::Data(data.to_string())).is_ok()).await;
+        count(&worker, &result, started);
         let _ = tx.send(Event::Done(result));
     });
     // Until the first event, the answer can still be an HTTP error (a denial, a provider 429).

@@ -107,6 +107,20 @@ async fn governed_calls_answer_the_providers_bytes_and_say_what_they_cost() {
     assert_eq!(sent["model"], "mini");
     assert!(provider.received_requests().await.unwrap()[0].headers.get("authorization").is_none(), "the agent token is not forwarded");
     assert_settled(&k, "atlas");
+
+    // The metrics say the same, in the Prometheus text format.
+    let metrics = client().get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for line in [
+        "aex_agent_spent_micro{agent=\"atlas\"} 22",
+        "aex_agent_reserved_micro{agent=\"atlas\"} 0",
+        "aex_requests_total{endpoint=\"chat\",status=\"200\",code=\"ok\"} 2",
+        "aex_settlements_total{state=\"committed\"} 2",
+        "aex_provider_latency_seconds_count 2",
+        "aex_gateway_overhead_seconds_count 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(metrics.contains("aex_store_transactions_total"), "{metrics}");
     gw.shutdown().await;
 }
 

@@ -278,6 +278,7 @@ async fn attempt<'c>(
         req = req.bearer_auth(key);
     }
     let cancel = &call.cancel;
+    let sent_at = std::time::Instant::now();
     let response = match wait(cancel, timeout, req.send()).await {
         Wait::Done(Ok(r)) => {
             governed.sent();
@@ -330,7 +331,7 @@ async fn attempt<'c>(
     let Some(on_chunk) = on_chunk else {
         let why = match wait(cancel, timeout, response.bytes()).await {
             Wait::Done(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
-                Ok(value) => return complete(governed, last, model, embeddings, value, &bytes),
+                Ok(value) => return complete(governed, last, model, embeddings, value, &bytes, sent_at.elapsed()),
                 Err(_) => format!("its answer ({status}) is not JSON"),
             },
             Wait::Done(Err(e)) => format!("its answer was cut ({})", e.without_url()),
@@ -403,11 +404,20 @@ async fn attempt<'c>(
         settlement: settled.settlement,
         attempts: 1,
         estimated: settled.estimated,
+        provider_time: sent_at.elapsed(),
     })
 }
 
 /// A plain (not streamed) answer read in full: settle from its usage and hand back its bytes.
-fn complete(mut governed: Call, last: &mut Last, model: &str, embeddings: bool, value: Value, bytes: &[u8]) -> std::result::Result<ProviderReply, Failure> {
+fn complete(
+    mut governed: Call,
+    last: &mut Last,
+    model: &str,
+    embeddings: bool,
+    value: Value,
+    bytes: &[u8],
+    provider_time: Duration,
+) -> std::result::Result<ProviderReply, Failure> {
     governed.output(&output_of(&value));
     if let Some(u) = value.get("usage") {
         governed.usage(u, embeddings);
@@ -422,5 +432,6 @@ fn complete(mut governed: Call, last: &mut Last, model: &str, embeddings: bool, 
         settlement: settled.settlement,
         attempts: 1,
         estimated: settled.estimated,
+        provider_time,
     })
 }

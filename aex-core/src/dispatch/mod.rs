@@ -212,6 +212,9 @@ pub struct ProviderReply {
     pub attempts: u32,
     /// The settlement was counted by aex (no usage from the provider, or a stream abandoned).
     pub estimated: bool,
+    /// How long the answering attempt waited on the provider: from sending the request to its
+    /// answer's last byte (a stream's end). The rest of the call's time is aex's own.
+    pub provider_time: Duration,
 }
 
 /// What an attempt's failure means for the rest of the call.

@@ -65,14 +65,18 @@ pub struct WriteStats {
     pub transactions: u64,
     /// The most closures one transaction held.
     pub largest_batch: u64,
+    /// The time write transactions took in all, from waiting for the file's lock to the end of
+    /// the commit: with `transactions`, their mean.
+    pub busy: std::time::Duration,
 }
 
 impl WriteStats {
-    /// Counts one transaction that ran `batch` writes.
-    pub fn record(&mut self, batch: usize) {
+    /// Counts one transaction that ran `batch` writes and took `took`.
+    pub fn record(&mut self, batch: usize, took: std::time::Duration) {
         self.writes += batch as u64;
         self.transactions += 1;
         self.largest_batch = self.largest_batch.max(batch as u64);
+        self.busy += took;
     }
 }
 

@@ -428,6 +428,7 @@ impl SqliteStore {
         if jobs.is_empty() {
             return;
         }
+        let started = std::time::Instant::now();
         let side = match self.side_lock() {
             Ok(side) => side,
             Err(e) => return jobs.iter().for_each(|j| j.done.finish(Ok(Err(e.clone())))),
@@ -436,7 +437,6 @@ impl SqliteStore {
             return jobs.iter().for_each(|j| j.done.finish(Ok(Err(e.clone()))));
         }
         let alone = jobs.len() == 1;
-        self.stats.lock().record(jobs.len());
         let mut results = Vec::with_capacity(jobs.len());
         for job in &jobs {
             results.push(self.run_member(conn, job, alone));
@@ -452,6 +452,7 @@ impl SqliteStore {
             let _ = run(conn, "ROLLBACK");
         }
         drop(side);
+        self.stats.lock().record(jobs.len(), started.elapsed());
         for (job, result) in jobs.iter().zip(results) {
             let result = match (&committed, result) {
                 (Err(e), Ok(Ok(()))) => Ok(Err(Error::Unavailable(format!("the transaction was rolled back: {e}")))),
