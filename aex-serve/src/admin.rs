@@ -47,10 +47,15 @@ pub(crate) async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> R
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-/// Checks the admin token, when the gateway has one (it must, unless it listens on loopback).
-fn admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Checks the admin token, when the gateway has one (it must, unless it listens on loopback): as
+/// `Authorization: Bearer <token>`, or the dashboard's `aex_admin` cookie.
+pub(crate) fn admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &app.options.admin_token else { return Ok(()) };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = || {
+        headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| c.trim().strip_prefix("aex_admin="))
+    };
+    let given = bearer.or_else(cookie).unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
         Ok(())
     } else {

@@ -12,11 +12,11 @@
 //!
 //! Endpoints: `POST /v1/chat/completions`, `/v1/responses`, `/v1/embeddings` (also under
 //! `/openai/v1/`), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus; see
-//! `metrics`), and the admin endpoints
+//! `metrics`), `GET /dashboard` (live; see [`dashboard`]), and the admin endpoints
 //! `POST /admin/reload_config`, `GET /admin/activity`, `GET /admin/replay`. Errors are
 //! OpenAI-shaped JSON ([`errors`]).
 //!
-//! **Admin token.** Admin endpoints need `Authorization: Bearer <admin token>` when the gateway
+//! **Admin token.** Admin endpoints, the metrics and the dashboard need `Authorization: Bearer <admin token>` when the gateway
 //! has one; binding an address that is not loopback without one is refused at start
 //! ([`Gateway::bind`]).
 //!
@@ -33,6 +33,7 @@
 pub mod errors;
 
 mod admin;
+pub mod dashboard;
 mod metrics;
 mod proxy;
 
@@ -142,6 +143,7 @@ pub(crate) struct App {
     pub(crate) options: ServeOptions,
     pub(crate) flights: Arc<Flights>,
     pub(crate) metrics: metrics::Metrics,
+    pub(crate) audit: dashboard::AuditCache,
 }
 
 /// A bound gateway, ready to [`Gateway::run`].
@@ -169,7 +171,7 @@ impl Gateway {
             _ => {}
         }
         let listener = tokio::net::TcpListener::bind(options.addr).await.map_err(|e| Error::Unavailable(format!("cannot listen on {}: {e}", options.addr)))?;
-        Ok(Gateway { listener, app: Arc::new(App { kernel, options, flights: Arc::default(), metrics: metrics::Metrics::default() }) })
+        Ok(Gateway { listener, app: Arc::new(App { kernel, options, flights: Arc::default(), metrics: metrics::Metrics::default(), audit: dashboard::AuditCache::default() }) })
     }
 
     /// The address it listens on (with the port the system chose for port 0).
@@ -241,6 +243,8 @@ fn router(app: Arc<App>) -> Router {
         .nest("/openai/v1", governed)
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/data", get(dashboard::data))
         .route("/admin/reload_config", post(admin::reload_config))
         .route("/admin/activity", get(admin::activity))
         .route("/admin/replay", get(admin::replay))
