@@ -847,6 +847,11 @@ impl Kernel {
         }
     }
 
+    /// The store's schema version (see [`crate::store::Store::schema_version`]).
+    pub fn schema_version(&self) -> u32 {
+        self.inner.store.schema_version()
+    }
+
     /// How many write operations this kernel's store has run in this process, and in how many
     /// transactions (fewer when group commit shares them between threads).
     pub fn write_stats(&self) -> crate::store::WriteStats {

@@ -520,6 +520,11 @@ impl Kernel_ {
         config_json(&self.kernel.config()).to_py(py)
     }
 
+    /// The database's schema version (opening migrates it to this aex's).
+    fn schema_version(&self) -> u32 {
+        self.kernel.schema_version()
+    }
+
     fn now_ms(&self) -> i64 {
         self.kernel.now_ms()
     }
@@ -765,7 +770,9 @@ fn config_json(c: &Config) -> serde_json::Value {
             }))
         })
         .collect();
-    serde_json::json!({ "hash": c.hash_hex(), "models": models })
+    let providers: serde_json::Map<String, serde_json::Value> =
+        c.providers().map(|(name, p)| (name.to_string(), serde_json::json!({"base_url": p.base_url, "api_key_env": p.api_key_env}))).collect();
+    serde_json::json!({ "hash": c.hash_hex(), "models": models, "providers": providers })
 }
 
 /// Parses and validates a `models.yaml` without opening a kernel; returns its models and hash.

@@ -13,6 +13,9 @@ import json
 import os
 import signal
 import sys
+import time
+import urllib.error
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -66,6 +69,18 @@ def _int_between(low: int, high: int, what: str) -> Any:
     return parse
 
 
+def _reachable(base_url: str) -> tuple[str, str]:
+    """Whether a provider answers HTTP at all (any status, even 401, is an answer)."""
+    started = time.monotonic()
+    try:
+        urllib.request.urlopen(urllib.request.Request(base_url.rstrip("/") + "/models", method="GET"), timeout=5)  # noqa: S310
+    except urllib.error.HTTPError as e:
+        return "ok", f"{base_url}: answered {e.code} in {(time.monotonic() - started) * 1000:.0f} ms"
+    except (OSError, ValueError) as e:
+        return "fail", f"{base_url}: no answer ({e})"
+    return "ok", f"{base_url}: answered in {(time.monotonic() - started) * 1000:.0f} ms"
+
+
 def _table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
 
@@ -104,6 +119,69 @@ class Cli:
         print(json.dumps(data, indent=2, sort_keys=True) if self.args.json else text)
 
     # ---- commands --------------------------------------------------------------------------
+
+    def doctor(self) -> int:
+        """One line per check; exit 1 when one fails (a warning does not)."""
+        checks: list[dict[str, str]] = []
+
+        def check(name: str, status: str, detail: str) -> None:
+            checks.append({"check": name, "status": status, "detail": detail})
+
+        config: Optional[dict[str, Any]] = None
+        if self.config is None:
+            check("config", "warn", "no models.yaml: aex runs with no models configured (aex init writes one)")
+        else:
+            try:
+                config = check_config(str(self.config))
+                check("config", "ok", f"{self.config}: valid, {len(config['models'])} models, sha256 {config['hash'][:12]}")
+            except AexError as e:
+                check("config", "fail", f"{self.config}: {e.message}")
+        started = time.monotonic()
+        k: Optional[Kernel] = None
+        try:
+            make_private_dir(self.db.parent)
+            k = Kernel(str(self.db), config=str(self.config) if config is not None and self.config else None)
+        except AexError as e:
+            check("database", "fail", f"{self.db}: {e.message}")
+        opened = time.monotonic() - started
+        if k is not None:
+            config = k.models()
+            check("database", "ok", f"{self.db}: schema version {k.schema_version()}, opened in {opened * 1000:.0f} ms")
+            if opened > 1.0:
+                check("lock", "warn", f"opening waited {opened:.1f} s for the database: another process holds it for long")
+            else:
+                check("lock", "ok", "the database is not held for long")
+            problems = self.warnings(k)
+            check("permissions", "fail" if problems else "ok", "; ".join(problems) or "files and directory private to their owner")
+            report = k.audit()
+            if report["clean"]:
+                check("audit", "ok", f"clean: {report['events']} events, head {report['head']}")
+            else:
+                check("audit", "fail", f"{report['failure']['rule']}: {report['failure']['message']}")
+            wal = Path(str(self.db) + "-wal")
+            size = wal.stat().st_size if wal.exists() else 0
+            check("wal", "warn" if size > 64 << 20 else "ok", f"{size / (1 << 20):.1f} MiB" + (": a long-lived reader may be starving checkpoints" if size > 64 << 20 else ""))
+        if config is not None:
+            passthrough = k is not None and any(a["allow_passthrough"] for a in k.list_agents())
+            for name, p in sorted(config.get("providers", {}).items()):
+                var = p["api_key_env"]
+                if var is None:
+                    check(f"provider {name}", "ok", f"{p['base_url']}: no key needed")
+                elif os.environ.get(var):
+                    check(f"provider {name}", "ok", f"{p['base_url']}: key in ${var}")
+                elif passthrough:
+                    check(f"provider {name}", "ok", f"${var} unset: bring-your-own-key (agents allowed passthrough send their own)")
+                else:
+                    check(f"provider {name}", "fail", f"${var} is unset and no agent may bring its own key: nothing can call it")
+            unpriced = sorted(n for n, m in config["models"].items() if not m["input_micro_per_mtok"] and not m["output_micro_per_mtok"])
+            check("prices", "warn" if unpriced else "ok", ("free (no prices): " + ", ".join(unpriced)) if unpriced else "every model is priced")
+            if self.args.network:
+                for name, p in sorted(config.get("providers", {}).items()):
+                    check(f"network {name}", *_reachable(p["base_url"]))
+        failed = any(c["status"] == "fail" for c in checks)
+        width = max(len(c["check"]) for c in checks)
+        self.out({"ok": not failed, "checks": checks}, "\n".join(f"{c['status']:<5} {c['check']:<{width}}  {c['detail']}" for c in checks))
+        return 1 if failed else 0
 
     def serve(self) -> int:
         a = self.args
@@ -367,6 +445,9 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument("path", nargs="?")
         m.set_defaults(run=run)
 
+    doctor = sub.add_parser("doctor", help="check the config, keys, database, audit and files; exit 1 if a check fails")
+    doctor.add_argument("--network", action="store_true", help="also check that every provider answers")
+    doctor.set_defaults(run=Cli.doctor)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible gateway: OPENAI_BASE_URL=http://HOST:PORT/v1, API key = agent token")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=_int_between(0, 65535, "a port"), default=9000, help="port (default 9000; 0: any free port)")

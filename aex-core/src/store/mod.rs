@@ -43,6 +43,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         WriteStats::default()
     }
 
+    /// The version of the store's schema (opening a store migrates it to its newest). 0 for a
+    /// store without versions.
+    fn schema_version(&self) -> u32 {
+        0
+    }
+
     /// What is unsafe about how the store is set up (file permissions, ...), one sentence each,
     /// for the CLI to print. Empty by default.
     fn warnings(&self) -> Vec<String> {

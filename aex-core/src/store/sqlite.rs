@@ -498,6 +498,11 @@ impl Store for SqliteStore {
         self.write_queued(f)
     }
 
+    fn schema_version(&self) -> u32 {
+        // `open` migrated the file to exactly this version, or refused it.
+        MIGRATIONS.len() as u32
+    }
+
     fn write_stats(&self) -> WriteStats {
         *self.stats.lock()
     }
