@@ -44,6 +44,7 @@ class _FaultyHandler(_Handler):
             self.rfile = _Replay(raw, self.rfile)
             return super().do_POST()
         self.server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        self.server.arrived.set()
         try:
             self._faulty(body, model)
         except (BrokenPipeError, ConnectionResetError):
@@ -196,6 +197,7 @@ class FaultyProvider(Provider):
 
     def __init__(self) -> None:
         self.unstalled = threading.Event()
+        self.arrived = threading.Event()  # set when a request for a misbehaving model has arrived
         super().__init__()
         self.RequestHandlerClass = _FaultyHandler
 

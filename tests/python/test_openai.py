@@ -346,6 +346,7 @@ def test_a_timeout_after_sending_is_charged_in_full_and_not_retried(tmp_path, fa
     client = guard(openai.OpenAI(base_url=faulty.url, api_key="sk-test", max_retries=2, timeout=0.5), kernel, token)
     with pytest.raises(openai.APITimeoutError):
         client.chat.completions.create(model="stall-head", messages=MSGS)
+    assert faulty.arrived.wait(10)
     assert len(faulty.requests) == 1, "a request that may have been processed is not sent again"
     state, cost, reserved, data = only_execution(kernel)
     assert (state, cost, data["estimated"]) == ("COMMITTED", reserved, True)
@@ -422,7 +423,7 @@ def test_async_stream_stopped_by_wait_for_is_charged_from_the_counted_output(tmp
                 seen.append(chunk.choices[0].delta.content)
 
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(consume(), 1.0)
+            await asyncio.wait_for(consume(), 3.0)  # the provider stalls for 10 s after two chunks
         return seen
 
     assert asyncio.run(main()) == ["Hello", " from"]
@@ -438,8 +439,11 @@ def test_async_call_cancelled_before_the_answer_is_charged_in_full(tmp_path, fau
     client = async_client(kernel, token, faulty)
 
     async def main():
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(client.chat.completions.create(model="stall-head", messages=MSGS), 1.0)
+        task = asyncio.create_task(client.chat.completions.create(model="stall-head", messages=MSGS))
+        assert await asyncio.to_thread(faulty.arrived.wait, 10), "the request reached the provider"
+        task.cancel()  # while waiting for the answer
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     asyncio.run(main())
     assert len(faulty.requests) == 1
