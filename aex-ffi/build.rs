@@ -10,7 +10,7 @@ fn main() {
     let mut config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("aex-ffi/cbindgen.toml is valid");
     let v = |k: &str| env::var(k).expect("cargo sets the package version");
     config.after_includes = Some(format!(
-        "\n#define AEX_VERSION_MAJOR {}\n#define AEX_VERSION_MINOR {}\n#define AEX_VERSION_PATCH {}\n#define AEX_VERSION_STRING \"{}\"\n",
+        "\n#define AEX_VERSION_MAJOR {}\n#define AEX_VERSION_MINOR {}\n#define AEX_VERSION_PATCH {}\n#define AEX_VERSION_STRING \"{}\"\n\n#ifdef __cplusplus\nextern \"C\" {{\n#endif\n",
         v("CARGO_PKG_VERSION_MAJOR"),
         v("CARGO_PKG_VERSION_MINOR"),
         v("CARGO_PKG_VERSION_PATCH"),

@@ -13,6 +13,7 @@ use crate::agent::{Agent, AgentSpec, Capabilities};
 use crate::auth::Scope;
 use crate::budget::BudgetPeriod;
 use crate::error::{Error, Result};
+use crate::execution::Execution;
 use crate::ledger::audit::AuditReport;
 use crate::money;
 use crate::settlement::{Settlement, Usage};
@@ -223,6 +224,27 @@ pub fn event_json(e: &crate::ledger::Event) -> Value {
         "execution_id": e.execution_id, "amount_micro": e.amount_micro,
         "data": serde_json::from_str::<Value>(&e.data).unwrap_or(Value::Null),
         "hash": hex::encode(e.hash),
+    })
+}
+
+/// One execution as stored: its state, reservation and charge (never its request hash). The
+/// times are ms since the epoch; `cost_micro`, `reason`, `dispatched_at_ms` and `settled_at_ms`
+/// are `null` until they apply.
+pub fn execution_json(e: &Execution) -> Value {
+    json!({
+        "execution_id": e.id,
+        "agent": e.agent,
+        "state": e.state.as_str(),
+        "model": e.model,
+        "input_tokens": e.input_tokens,
+        "max_output_tokens": e.max_output_tokens,
+        "reserved_micro": e.reserved_micro,
+        "cost_micro": e.cost_micro,
+        "reason": e.reason,
+        "created_at_ms": e.created_at_ms,
+        "expires_at_ms": e.expires_at_ms,
+        "dispatched_at_ms": e.dispatched_at_ms,
+        "settled_at_ms": e.settled_at_ms,
     })
 }
 

@@ -1,7 +1,9 @@
 //! Statuses, `aex_error`, and the guard every exported function runs its body in.
 
+use std::cell::Cell;
 use std::ffi::{CStr, CString, c_char};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Once;
 
 use aex_core::Error;
 
@@ -95,10 +97,41 @@ pub(crate) fn fail(err: *mut *mut aex_error, e: &Error) -> aex_status {
     aex_status::from(e.status())
 }
 
+thread_local! {
+    /// How many exported calls this thread is inside.
+    static INSIDE: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Installs, once, a panic hook that stays silent for panics aex catches: a library must not
+/// write to its host's stderr. Panics in an exported call (returned as `AEX_INTERNAL`) and on
+/// aex's own threads (named `aex-...`) are not printed; every other panic goes to the hook that
+/// was installed before.
+fn quiet_panics() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let ours = INSIDE.with(Cell::get) > 0 || std::thread::current().name().is_some_and(|n| n.starts_with("aex-"));
+            if !ours {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs `body` marked as inside aex (see [`quiet_panics`]).
+fn inside<T>(body: impl FnOnce() -> T) -> std::thread::Result<T> {
+    quiet_panics();
+    INSIDE.with(|d| d.set(d.get() + 1));
+    let result = catch_unwind(AssertUnwindSafe(body));
+    INSIDE.with(|d| d.set(d.get().saturating_sub(1)));
+    result
+}
+
 /// Runs an exported function's body: maps its error to a status and `*err`, and a panic to
 /// `AEX_INTERNAL`.
 pub(crate) fn guard(err: *mut *mut aex_error, body: impl FnOnce() -> Result<(), Error>) -> aex_status {
-    match catch_unwind(AssertUnwindSafe(body)) {
+    match inside(body) {
         Ok(Ok(())) => AEX_OK,
         Ok(Err(e)) => fail(err, &e),
         Err(panic) => {
@@ -106,6 +139,12 @@ pub(crate) fn guard(err: *mut *mut aex_error, body: impl FnOnce() -> Result<(), 
             fail(err, &Error::Internal(format!("panic in aex: {}", what.unwrap_or_default())))
         }
     }
+}
+
+/// Runs the body of an exported function that returns nothing (`_close`, `_free`): a panic is
+/// caught and dropped, never unwound into the host.
+pub(crate) fn quietly(body: impl FnOnce()) {
+    let _ = inside(body);
 }
 
 /// A string argument: not NULL, valid UTF-8, at most 80 MiB.

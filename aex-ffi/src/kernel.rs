@@ -1,20 +1,176 @@
-//! `aex_kernel` and the guarded-call surface.
+//! `aex_kernel` and the guarded-call surface (admit, settle, agents, teams, ledger).
+//!
+//! Shutdown and re-entrancy. A call never holds a lock while it runs: it takes a clone of the
+//! kernel (an `Arc`) from the handle under a short lock, and a governed call also registers its
+//! `Cancel`. So `aex_kernel_close` can take the kernel out, cancel what is registered and return
+//! at once, from any thread or from inside a stream callback, and a call made after it began
+//! fails at once; the store closes when the last clone goes. Where that last clone goes matters
+//! twice (see [`retire`]): never inside a stream callback (a tokio runtime must not be shut down
+//! from one), and never in a forked child (the runtime's threads are not there to join).
 
+use std::collections::HashMap;
 use std::ffi::{CString, c_char};
+use std::sync::Arc;
 
+use aex_core::dispatch::Cancel;
 use aex_core::{Error, ExecutionState, Head, Kernel, ManualClock, Settlement, TeamSpec, Usage, wire};
-use parking_lot::RwLock;
+use parking_lot::Mutex;
 
-use crate::error::{aex_error, aex_status, arg_str, give_string, guard, opt_str, out_ptr};
+use crate::error::{aex_error, aex_status, arg_str, give_string, guard, opt_str, out_ptr, quietly};
 use crate::options::aex_options;
 
 /// A governance kernel over one database. Thread-safe: any number of threads may call any
-/// function on one handle at once. `aex_kernel_close` ends its use (later calls return
-/// `AEX_UNAVAILABLE`); `aex_kernel_free` releases it, after which the pointer must not be used
-/// (that cannot be detected).
+/// function on one handle at once. `aex_kernel_close` ends its use at once (calls in progress
+/// are cancelled, later calls return `AEX_UNAVAILABLE`); `aex_kernel_free` closes it and
+/// releases the handle, after which the pointer must not be used (that cannot be detected).
+/// It belongs to the process that opened it: in a `fork()`ed child every call returns
+/// `AEX_UNAVAILABLE`, and `aex_kernel_close` / `aex_kernel_free` return without touching what
+/// the parent's threads own.
 pub struct aex_kernel {
-    kernel: RwLock<Option<Kernel>>,
+    shared: Arc<Handle>,
+}
+
+/// What an `aex_kernel` points to. Shared (`Arc`) with the governed calls in progress, so a call
+/// holds the kernel — never a lock — for as long as it runs, and closing or freeing the handle
+/// (even from inside a stream callback) never waits for one.
+struct Handle {
+    state: Mutex<State>,
     clock: Option<ManualClock>,
+    /// The process that opened the kernel.
+    pid: u32,
+}
+
+/// Locked only to look the kernel up or to (de)register a call, never across a call.
+struct State {
+    /// `None` once closed.
+    kernel: Option<Kernel>,
+    /// The governed calls in progress, by slot: `aex_kernel_close` cancels them.
+    calls: HashMap<u64, Cancel>,
+    next_slot: u64,
+}
+
+fn closed() -> Error {
+    Error::Unavailable("the kernel is closed".into())
+}
+
+impl Handle {
+    fn forked(&self) -> bool {
+        std::process::id() != self.pid
+    }
+
+    fn kernel(&self) -> Result<Kernel, Error> {
+        self.state.lock().kernel.clone().ok_or_else(closed)
+    }
+
+    /// The kernel, with `cancel` registered so that closing cancels the call; the slot frees it.
+    fn register(&self, cancel: Cancel) -> Result<(Kernel, u64), Error> {
+        let mut state = self.state.lock();
+        let kernel = state.kernel.clone().ok_or_else(closed)?;
+        let slot = state.next_slot;
+        state.next_slot += 1;
+        state.calls.insert(slot, cancel);
+        Ok((kernel, slot))
+    }
+
+    fn deregister(&self, slot: u64) {
+        self.state.lock().calls.remove(&slot);
+    }
+
+    /// Refuses later calls, cancels the calls in progress (each settles by the money rules on
+    /// its own thread), and lets go of the kernel; never waits for a call. In a forked child it
+    /// does nothing: the parent's threads may have held the lock at the fork, and the child's
+    /// calls fail anyway.
+    fn close(&self) {
+        if self.forked() {
+            return;
+        }
+        let (kernel, calls) = {
+            let mut state = self.state.lock();
+            (state.kernel.take(), std::mem::take(&mut state.calls))
+        };
+        for cancel in calls.values() {
+            cancel.cancel();
+        }
+        if let Some(kernel) = kernel {
+            retire(kernel, self.pid);
+        }
+    }
+}
+
+/// Lets go of a clone of a kernel. The last one closes the store and shuts the dispatch runtime
+/// down, which must not happen in two places: in a forked child (the runtime's threads are not
+/// there, and joining them never returns), where it is leaked, and inside a stream callback
+/// (which runs on a dispatch runtime, where shutting one down is forbidden), where another
+/// thread does it.
+fn retire(kernel: Kernel, opened_by: u32) {
+    if std::process::id() != opened_by {
+        std::mem::forget(kernel);
+    } else if crate::dispatch::in_callback() {
+        std::thread::scope(|s| {
+            if let Err(e) = std::thread::Builder::new().name("aex-retire".into()).spawn_scoped(s, move || drop(kernel)) {
+                // No thread to be had: leak the kernel rather than shut a runtime down here.
+                drop(e);
+            }
+        });
+    } else {
+        drop(kernel);
+    }
+}
+
+fn handle<'a>(k: *const aex_kernel) -> Result<&'a aex_kernel, Error> {
+    // SAFETY: NULL or a live `aex_kernel` (use after `aex_kernel_free` is undefined, as
+    // documented); the reference is used only during the exported call that received `k`.
+    unsafe { k.as_ref() }.ok_or_else(|| Error::invalid("kernel", "must not be NULL"))
+}
+
+/// Runs `f` on the open kernel: a clone of it, so no lock is held while `f` runs.
+pub(crate) fn with_kernel<T>(k: *const aex_kernel, f: impl FnOnce(&Kernel) -> Result<T, Error>) -> Result<T, Error> {
+    let shared = &handle(k)?.shared;
+    let kernel = Held { kernel: Some(shared.kernel()?), pid: shared.pid };
+    f(kernel.get())
+}
+
+/// A clone of the kernel, retired (see [`retire`]) when dropped, on every path.
+struct Held {
+    kernel: Option<Kernel>,
+    pid: u32,
+}
+
+impl Held {
+    fn get(&self) -> &Kernel {
+        self.kernel.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(kernel) = self.kernel.take() {
+            retire(kernel, self.pid);
+        }
+    }
+}
+
+/// A governed call's registration: its cancel is removed from the handle when it ends.
+struct InFlight {
+    shared: Arc<Handle>,
+    slot: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared.deregister(self.slot);
+    }
+}
+
+/// Runs a governed call `f` on the open kernel with `cancel` registered, so that closing the
+/// kernel cancels it. The handle is held (an `Arc`) for the call's duration, so freeing the
+/// handle from inside the call's own callback is safe.
+pub(crate) fn with_governed_call<T>(k: *const aex_kernel, cancel: &Cancel, f: impl FnOnce(&Kernel) -> T) -> Result<T, Error> {
+    let shared = Arc::clone(&handle(k)?.shared);
+    let (kernel, slot) = shared.register(cancel.clone())?;
+    let kernel = Held { kernel: Some(kernel), pid: shared.pid };
+    let _in_flight = InFlight { shared, slot };
+    Ok(f(kernel.get()))
 }
 
 /// An admitted execution. Owned by the caller; free with `aex_admission_free`. Immutable, so it
@@ -29,31 +185,29 @@ pub struct aex_admission {
     state: aex_execution_state,
 }
 
-/// Where an execution stands.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum aex_execution_state {
-    /// Admitted; budget reserved; not sent.
-    Reserved = 0,
-    /// Handed to the provider.
-    Dispatched = 1,
-    /// Settled at its real cost.
-    Committed = 2,
-    /// Given back without a call.
-    Released = 3,
-    /// The call failed; given back.
-    Failed = 4,
-}
+/// Where an execution stands: one of the `AEX_EXECUTION_STATE_*` values. A fixed-width integer
+/// rather than an enum, so that structs holding it have one layout under every compiler flag
+/// (`-fshort-enums` changes an enum's size).
+pub type aex_execution_state = i32;
 
-impl From<ExecutionState> for aex_execution_state {
-    fn from(s: ExecutionState) -> Self {
-        match s {
-            ExecutionState::Reserved => aex_execution_state::Reserved,
-            ExecutionState::Dispatched => aex_execution_state::Dispatched,
-            ExecutionState::Committed => aex_execution_state::Committed,
-            ExecutionState::Released => aex_execution_state::Released,
-            ExecutionState::Failed => aex_execution_state::Failed,
-        }
+/// Admitted; budget reserved; not sent.
+pub const AEX_EXECUTION_STATE_RESERVED: aex_execution_state = 0;
+/// Handed to the provider.
+pub const AEX_EXECUTION_STATE_DISPATCHED: aex_execution_state = 1;
+/// Settled at its real cost.
+pub const AEX_EXECUTION_STATE_COMMITTED: aex_execution_state = 2;
+/// Given back without a call.
+pub const AEX_EXECUTION_STATE_RELEASED: aex_execution_state = 3;
+/// The call failed; given back.
+pub const AEX_EXECUTION_STATE_FAILED: aex_execution_state = 4;
+
+fn state_of(s: ExecutionState) -> aex_execution_state {
+    match s {
+        ExecutionState::Reserved => AEX_EXECUTION_STATE_RESERVED,
+        ExecutionState::Dispatched => AEX_EXECUTION_STATE_DISPATCHED,
+        ExecutionState::Committed => AEX_EXECUTION_STATE_COMMITTED,
+        ExecutionState::Released => AEX_EXECUTION_STATE_RELEASED,
+        ExecutionState::Failed => AEX_EXECUTION_STATE_FAILED,
     }
 }
 
@@ -69,11 +223,12 @@ pub struct aex_usage {
     pub cached_input_tokens: i64,
 }
 
-/// The outcome of commit, release or fail. A plain value written into caller storage.
+/// The outcome of commit, release or fail, or of a governed call. A plain value written into
+/// caller storage.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct aex_settlement {
-    /// The terminal state.
+    /// The terminal state: an `AEX_EXECUTION_STATE_*` value.
     pub state: aex_execution_state,
     /// What admission reserved, micro-USD.
     pub reserved_micro: i64,
@@ -92,7 +247,7 @@ pub struct aex_settlement {
 impl From<&Settlement> for aex_settlement {
     fn from(s: &Settlement) -> Self {
         aex_settlement {
-            state: s.state.into(),
+            state: state_of(s.state),
             reserved_micro: s.reserved_micro,
             cost_micro: s.cost_micro,
             released_micro: s.released_micro,
@@ -103,16 +258,8 @@ impl From<&Settlement> for aex_settlement {
     }
 }
 
-fn with_kernel<T>(k: *const aex_kernel, f: impl FnOnce(&Kernel) -> Result<T, Error>) -> Result<T, Error> {
-    // SAFETY: NULL or a live `aex_kernel` (use after `aex_kernel_free` is undefined, as documented).
-    let handle = unsafe { k.as_ref() }.ok_or_else(|| Error::invalid("kernel", "must not be NULL"))?;
-    let guard = handle.kernel.read();
-    let kernel = guard.as_ref().ok_or_else(|| Error::Unavailable("the kernel is closed".into()))?;
-    f(kernel)
-}
-
 /// Writes a value to a checked out-param.
-fn put<T>(out: *mut T, value: T) {
+pub(crate) fn put<T>(out: *mut T, value: T) {
     // SAFETY: checked non-NULL with `out_ptr` before any work; writable per the contract.
     unsafe { out.write(value) };
 }
@@ -133,34 +280,60 @@ pub unsafe extern "C" fn aex_kernel_open(path: *const c_char, opts: *const aex_o
         let options = opts.map(|o| o.options.clone()).unwrap_or_default();
         let clock = opts.and_then(|o| o.manual_clock.clone());
         let kernel = if path == ":memory:" { Kernel::open_in_memory(options)? } else { Kernel::open(path, options)? };
-        put(out, Box::into_raw(Box::new(aex_kernel { kernel: RwLock::new(Some(kernel)), clock })));
+        let state = State { kernel: Some(kernel), calls: HashMap::new(), next_slot: 0 };
+        let shared = Arc::new(Handle { state: Mutex::new(state), clock, pid: std::process::id() });
+        put(out, Box::into_raw(Box::new(aex_kernel { shared })));
         Ok(())
     })
 }
 
-/// Closes the kernel's store. Calls made after it return `AEX_UNAVAILABLE`; calls in progress
-/// finish first. The handle itself stays valid until `aex_kernel_free`. NULL is a no-op.
+/// Closes the kernel, at once: calls made after it began return `AEX_UNAVAILABLE`, and governed
+/// calls in progress (`aex_kernel_call`, `aex_kernel_stream`, on any thread) are cancelled:
+/// each settles by the money rules (released if its request was not sent yet, otherwise
+/// charged), a stream delivers no further payload, and each returns `AEX_UNAVAILABLE` (unless
+/// it had already completed). It never waits for a call in progress, nor for a
+/// stalled provider; the database is closed when the last call in progress has returned. May be
+/// called from any thread, from inside a stream callback, and more than once. The handle stays
+/// valid until `aex_kernel_free`. NULL is a no-op.
 ///
 /// # Safety
 /// `k` must be NULL or a live `aex_kernel`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn aex_kernel_close(k: *const aex_kernel) {
-    // SAFETY: NULL or live, per the contract.
-    if let Some(handle) = unsafe { k.as_ref() } {
-        handle.kernel.write().take();
-    }
+pub unsafe extern "C" fn aex_kernel_close(k: *mut aex_kernel) {
+    quietly(|| {
+        if let Ok(h) = handle(k) {
+            h.shared.close();
+        }
+    });
 }
 
-/// Closes (if needed) and frees a kernel. NULL is a no-op. No other thread may be using it.
+/// Closes the kernel (as `aex_kernel_close`) and frees the handle. NULL is a no-op. No other
+/// thread may use the handle during or after this call; a stream callback may free the kernel
+/// it is called for (its stream is cancelled as by `aex_kernel_close` and returns once settled;
+/// the pointer must not be used again). In a `fork()`ed child it only forgets the parent's
+/// kernel (nothing the parent owns is closed, joined or written).
 ///
 /// # Safety
 /// `k` must be NULL or from `aex_kernel_open`, not yet freed, and unused by other threads.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn aex_kernel_free(k: *mut aex_kernel) {
-    if !k.is_null() {
-        // SAFETY: from `Box::into_raw` in `aex_kernel_open`, per the contract.
-        drop(unsafe { Box::from_raw(k) });
+    if k.is_null() {
+        return;
     }
+    // SAFETY: from `Box::into_raw` in `aex_kernel_open`, per the contract.
+    let boxed = unsafe { Box::from_raw(k) };
+    quietly(move || {
+        if boxed.shared.forked() {
+            // The parent's threads (the dispatch runtime's) do not exist here, and its locks
+            // may have been held at the fork: touch nothing.
+            std::mem::forget(boxed);
+            return;
+        }
+        boxed.shared.close();
+        // A call still in progress (the stream whose callback is freeing its own kernel) holds
+        // the handle until it returns.
+        drop(boxed);
+    });
 }
 
 /// For tests: moves a manual clock (see `aex_options_set_manual_clock`) by `ms`.
@@ -170,9 +343,7 @@ pub unsafe extern "C" fn aex_kernel_free(k: *mut aex_kernel) {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn aex_kernel_advance_clock(k: *const aex_kernel, ms: i64, err: *mut *mut aex_error) -> aex_status {
     guard(err, || {
-        // SAFETY: NULL or live, per the contract.
-        let handle = unsafe { k.as_ref() }.ok_or_else(|| Error::invalid("kernel", "must not be NULL"))?;
-        let clock = handle.clock.as_ref().ok_or_else(|| Error::invalid("kernel", "was not opened with a manual clock"))?;
+        let clock = handle(k)?.shared.clock.as_ref().ok_or_else(|| Error::invalid("kernel", "was not opened with a manual clock"))?;
         clock.advance(ms);
         Ok(())
     })
@@ -327,7 +498,7 @@ pub unsafe extern "C" fn aex_kernel_admit(k: *const aex_kernel, token: *const c_
             max_output_tokens: a.max_output_tokens,
             expires_at_ms: a.expires_at_ms,
             replayed: a.replayed,
-            state: a.state.into(),
+            state: state_of(a.state),
         };
         put(out, Box::into_raw(Box::new(adm)));
         Ok(())
@@ -515,7 +686,7 @@ pub unsafe extern "C" fn aex_admission_replayed(a: *const aex_admission) -> bool
 /// `a` must be NULL or a live `aex_admission` (NULL gives RESERVED).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn aex_admission_state(a: *const aex_admission) -> aex_execution_state {
-    admission(a).map_or(aex_execution_state::Reserved, |a| a.state)
+    admission(a).map_or(AEX_EXECUTION_STATE_RESERVED, |a| a.state)
 }
 
 /// Frees an admission. NULL is a no-op.
@@ -530,112 +701,27 @@ pub unsafe extern "C" fn aex_admission_free(a: *mut aex_admission) {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Called with each streamed SSE `data` payload (`len` bytes, not NUL-terminated) on the thread
-/// that called `aex_kernel_stream`. Return `true` to continue, `false` to stop the stream (it is
-/// then settled from the counted output).
-pub type aex_chunk_callback = Option<unsafe extern "C" fn(userdata: *mut std::ffi::c_void, data: *const c_char, len: usize) -> bool>;
-
-fn provider_call(endpoint: *const c_char, request_json: *const c_char, passthrough_key: *const c_char) -> Result<aex_core::dispatch::ProviderCall, Error> {
-    let endpoint = aex_core::dispatch::Endpoint::parse(arg_str(endpoint, "endpoint")?)?;
-    let body: serde_json::Value =
-        serde_json::from_str(arg_str(request_json, "request_json")?).map_err(|e| Error::invalid("request_json", e.to_string()))?;
-    if !body.is_object() {
-        return Err(Error::invalid("request_json", "must be a JSON object"));
+    #[test]
+    fn close_cancels_the_calls_in_progress_at_once_and_refuses_new_ones() {
+        let mut k: *mut aex_kernel = std::ptr::null_mut();
+        // SAFETY: valid arguments; the kernel is freed below and not used after.
+        unsafe {
+            assert_eq!(aex_kernel_open(c":memory:".as_ptr(), std::ptr::null(), &mut k, std::ptr::null_mut()), crate::AEX_OK);
+            let shared = Arc::clone(&handle(k).unwrap().shared);
+            let in_flight = Cancel::new();
+            let (kernel, slot) = shared.register(in_flight.clone()).unwrap();
+            aex_kernel_close(k);
+            assert!(in_flight.is_cancelled());
+            assert!(matches!(shared.register(Cancel::new()), Err(Error::Unavailable(_))));
+            // The call in progress still holds the kernel, and can settle with it.
+            assert!(kernel.list_agents().is_ok());
+            shared.deregister(slot);
+            drop(kernel);
+            aex_kernel_free(k);
+        }
     }
-    let mut call = aex_core::dispatch::ProviderCall::new(endpoint, body);
-    call.passthrough_key = opt_str(passthrough_key, "passthrough_key")?.map(str::to_string);
-    Ok(call)
-}
-
-/// Makes one governed provider call: admits `request_json` (an OpenAI-style body for
-/// `endpoint`: "chat", "responses" or "embeddings"), sends it to the model's provider, settles
-/// from the usage, and writes the provider's response JSON, unchanged, to `*response_json` (free
-/// with `aex_string_free`). `passthrough_key` (may be NULL) is the agent's own provider key; it
-/// is never recorded. `settlement_out` (may be NULL) receives the settlement — also when the
-/// call fails after its last attempt was settled: a charged failure (the request may have
-/// reached the provider: a cut answer, a timeout) or a returned reservation, so the host learns
-/// what it paid; it is left untouched when no attempt was admitted. Blocks the calling
-/// thread on the kernel's own runtime; thread-safe.
-///
-/// # Safety
-/// `k` live; `token`, `endpoint`, `request_json` NUL-terminated strings; `passthrough_key` NULL
-/// or one; `response_json` writable; `settlement_out` NULL or writable; `err` NULL or writable.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn aex_kernel_call(
-    k: *const aex_kernel,
-    token: *const c_char,
-    endpoint: *const c_char,
-    request_json: *const c_char,
-    passthrough_key: *const c_char,
-    response_json: *mut *mut c_char,
-    settlement_out: *mut aex_settlement,
-    err: *mut *mut aex_error,
-) -> aex_status {
-    guard(err, || {
-        let token = arg_str(token, "token")?;
-        let call = provider_call(endpoint, request_json, passthrough_key)?;
-        out_ptr(response_json, "response_json")?;
-        let reply = with_kernel(k, |k| Ok(k.call_provider_blocking(token, call)))?;
-        let reply = settled(reply, settlement_out)?;
-        put(response_json, give_string(&reply.raw));
-        Ok(())
-    })
-}
-
-/// Writes what a governed call came to — its settlement, also when it failed after being
-/// settled (a charged failure, a refusal) — to `settlement_out` (may be NULL).
-fn settled(
-    result: Result<aex_core::dispatch::ProviderReply, aex_core::dispatch::CallFailure>,
-    settlement_out: *mut aex_settlement,
-) -> Result<aex_core::dispatch::ProviderReply, Error> {
-    let settlement = match &result {
-        Ok(reply) => Some(&reply.settlement),
-        Err(failure) => failure.settlement.as_ref(),
-    };
-    if let Some(s) = settlement
-        && !settlement_out.is_null()
-    {
-        put(settlement_out, aex_settlement::from(s));
-    }
-    result.map_err(Error::from)
-}
-
-struct Userdata(*mut std::ffi::c_void);
-// SAFETY: the pointer is only handed back to the caller's callback, on the caller's thread.
-unsafe impl Send for Userdata {}
-
-/// As `aex_kernel_call` for a streaming request: the body is sent with `"stream": true` (and
-/// `stream_options.include_usage` for chat), and `callback` receives each SSE `data` payload as
-/// it arrives. Returns when the stream ends, is stopped by the callback, or fails; the call is
-/// settled in every case (from the counted output, marked estimated, when usage is missing).
-///
-/// # Safety
-/// As `aex_kernel_call`; `callback` must be a valid function; `userdata` is passed to it as is.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn aex_kernel_stream(
-    k: *const aex_kernel,
-    token: *const c_char,
-    endpoint: *const c_char,
-    request_json: *const c_char,
-    passthrough_key: *const c_char,
-    callback: aex_chunk_callback,
-    userdata: *mut std::ffi::c_void,
-    settlement_out: *mut aex_settlement,
-    err: *mut *mut aex_error,
-) -> aex_status {
-    guard(err, || {
-        let token = arg_str(token, "token")?;
-        let call = provider_call(endpoint, request_json, passthrough_key)?;
-        let callback = callback.ok_or_else(|| Error::invalid("callback", "must not be NULL"))?;
-        let userdata = Userdata(userdata);
-        let mut on_chunk = move |data: &str| {
-            let u = &userdata;
-            // SAFETY: the caller promises a valid callback; `data` lives for the call.
-            unsafe { callback(u.0, data.as_ptr().cast(), data.len()) }
-        };
-        let reply = with_kernel(k, |k| Ok(k.stream_provider_blocking(token, call, &mut on_chunk)))?;
-        settled(reply, settlement_out)?;
-        Ok(())
-    })
 }

@@ -6,19 +6,27 @@
 //! * Fallible functions return an `aex_status`: `AEX_OK` (0) or the error table's number (400,
 //!   401, 402, 403, 404, 409, 429, 500, 503). Details come through an optional `aex_error **err`,
 //!   written only on failure, which the caller frees with `aex_error_free`.
-//! * Out-params are written only on success. Pointers are checked: a NULL where a value is needed
-//!   is `AEX_INVALID_REQUEST` naming the parameter, and nothing happens.
+//! * Out-params are written only on success — except what a governed call came to
+//!   (`execution_id_out`, `settlement_out`), written also on a failure after an attempt was
+//!   admitted. Pointers are checked: a NULL where a value is needed is `AEX_INVALID_REQUEST`
+//!   naming the parameter, and nothing happens.
 //! * Every string or object aex hands out has its `_free` (strings: `aex_string_free`, never libc
 //!   `free`); every `_free` accepts NULL.
-//! * No panic crosses the boundary: one is caught and returned as `AEX_INTERNAL`.
-//! * An `aex_kernel` may be used from any number of threads at once.
+//! * No panic crosses the boundary: one is caught and returned as `AEX_INTERNAL`, and nothing is
+//!   printed to the host's stdout or stderr.
+//! * An `aex_kernel` may be used from any number of threads at once; closing it cancels the calls
+//!   in progress and waits for none (see `kernel.rs`).
+//! * The header compiles as C89 and C++98 (see `cbindgen.toml`).
 
 #![allow(non_camel_case_types)]
 
+// The order of the modules is the order of the header's sections.
 mod error;
 mod kernel;
+mod dispatch;
 mod options;
 
+pub use dispatch::*;
 pub use error::*;
 pub use kernel::*;
 pub use options::*;

@@ -15,7 +15,8 @@ pub struct aex_options {
 }
 
 /// New default options: durability "full", no ledger key, a 15-minute reservation TTL, no
-/// models, the system clock. Never NULL.
+/// models, the system clock, and the dispatch defaults of `aex_options_set_dispatch`. Never
+/// NULL.
 #[unsafe(no_mangle)]
 pub extern "C" fn aex_options_new() -> *mut aex_options {
     Box::into_raw(Box::new(aex_options { options: aex_core::KernelOptions::default(), manual_clock: None }))
@@ -129,8 +130,24 @@ pub unsafe extern "C" fn aex_options_set_manual_clock(opts: *mut aex_options, st
 }
 
 /// Sets the timeouts and retries of governed provider calls (`aex_kernel_call` /
-/// `aex_kernel_stream`): connection timeout and request timeout in ms (> 0), and retries of a
-/// retryable failure before falling back (0 to 10).
+/// `aex_kernel_stream`). Timeouts are in ms, each > 0.
+///
+/// * `connect_timeout_ms` (default 10000): how long to wait for the connection to the provider.
+///   A connection that cannot be made (refused, unreachable, or not made within this time)
+///   sent nothing: its reservation is released (nothing is charged) and the attempt may be
+///   retried.
+/// * `request_timeout_ms` (default 600000): counted from the start of the attempt, how long
+///   until the provider's answer starts (its status line and headers: the time to first byte);
+///   then, for a plain call, how long its body may take to arrive; and for a stream, the longest
+///   idle gap between two chunks (time spent in the callback does not count); a healthy stream
+///   of any length is never cut. When it runs out, the request may have reached the provider:
+///   the call is charged (from the counted output, or at the full reservation when nothing was
+///   seen), returns `AEX_UNAVAILABLE`, and is not retried. Keep it above `connect_timeout_ms`:
+///   the wait includes connecting, and a connection still pending when it runs out counts as
+///   possibly sent.
+/// * `max_retries` (0 to 10, default 2): retries of a failure that cost nothing (a connection
+///   that could not be made, a provider 5xx) on the same model, with jittered backoff, before
+///   the model's `fallbacks` are tried.
 ///
 /// # Safety
 /// `opts` must be a live `aex_options`; `err` NULL or writable.

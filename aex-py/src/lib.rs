@@ -503,13 +503,7 @@ impl Kernel_ {
 
     fn execution(&self, py: Python<'_>, execution_id: &str) -> PyResult<Py<PyAny>> {
         let e = detach(py, || self.kernel.execution(execution_id))?;
-        serde_json::json!({
-            "execution_id": e.id, "agent": e.agent, "state": e.state.as_str(), "model": e.model,
-            "input_tokens": e.input_tokens, "max_output_tokens": e.max_output_tokens,
-            "reserved_micro": e.reserved_micro, "cost_micro": e.cost_micro, "reason": e.reason,
-            "created_at_ms": e.created_at_ms, "expires_at_ms": e.expires_at_ms,
-        })
-        .to_py(py)
+        wire::execution_json(&e).to_py(py)
     }
 
     fn config_hash(&self) -> String {

@@ -57,30 +57,30 @@ int main(int argc, char **argv) {
 
   char *response = NULL;
   aex_settlement s;
-  CHECK_STATUS(aex_kernel_call(k, token, "chat", req, NULL, &response, &s, NULL), AEX_OK);
+  CHECK_STATUS(aex_kernel_call(k, token, "chat", req, NULL, NULL, &response, NULL, &s, NULL), AEX_OK);
   CHECK(response && strstr(response, "Hello from the test provider.") != NULL);
   CHECK(s.state == AEX_EXECUTION_STATE_COMMITTED && s.cost_micro == 15 + 4);
   aex_string_free(response);
 
   struct chunks c = {0, ""};
-  CHECK_STATUS(aex_kernel_stream(k, token, "chat", req, NULL, on_chunk, &c, &s, NULL), AEX_OK);
+  CHECK_STATUS(aex_kernel_stream(k, token, "chat", req, NULL, NULL, on_chunk, &c, NULL, &s, NULL), AEX_OK);
   CHECK(c.count == 7); /* six text chunks and the usage chunk */
   CHECK(strcmp(c.text, "Hello from the test provider.") == 0);
   CHECK(s.cost_micro == 19 && !s.replayed);
 
   struct chunks first = {0, ""};
-  CHECK_STATUS(aex_kernel_stream(k, token, "chat", req, NULL, stop_at_first, &first, &s, NULL), AEX_OK);
+  CHECK_STATUS(aex_kernel_stream(k, token, "chat", req, NULL, NULL, stop_at_first, &first, NULL, &s, NULL), AEX_OK);
   CHECK(first.count == 1 && s.state == AEX_EXECUTION_STATE_COMMITTED);
 
   aex_error *err = NULL;
-  CHECK_STATUS(aex_kernel_call(k, token, "chat", "{\"model\": \"fail-429\", \"messages\": []}", NULL, &response, NULL, &err), AEX_RATE_LIMITED);
+  CHECK_STATUS(aex_kernel_call(k, token, "chat", "{\"model\": \"fail-429\", \"messages\": []}", NULL, NULL, &response, NULL, NULL, &err), AEX_RATE_LIMITED);
   CHECK(strcmp(aex_error_reason(err), "provider_rate_limit") == 0 && aex_error_retry_after_ms(err) >= 0);
   aex_error_free(err);
   err = NULL;
-  CHECK_STATUS(aex_kernel_call(k, token, "telepathy", req, NULL, &response, NULL, &err), AEX_INVALID_REQUEST);
+  CHECK_STATUS(aex_kernel_call(k, token, "telepathy", req, NULL, NULL, &response, NULL, NULL, &err), AEX_INVALID_REQUEST);
   CHECK(strcmp(aex_error_field(err), "endpoint") == 0);
   aex_error_free(err);
-  CHECK_STATUS(aex_kernel_stream(k, token, "chat", req, NULL, NULL, NULL, NULL, NULL), AEX_INVALID_REQUEST);
+  CHECK_STATUS(aex_kernel_stream(k, token, "chat", req, NULL, NULL, NULL, NULL, NULL, NULL, NULL), AEX_INVALID_REQUEST);
 
   char *json = NULL;
   CHECK_STATUS(aex_kernel_agent(k, "c-agent", &json, NULL), AEX_OK);

@@ -17,6 +17,12 @@ cc "${cflags[@]}" tests/c/host.c "$static" -lpthread -ldl -lm -o "$out/host-stat
 cc "${cflags[@]}" -g -fsanitize=address,undefined -fno-omit-frame-pointer tests/c/host.c -L "$lib" -laex -lpthread -o "$out/host-asan"
 cc "${cflags[@]}" tests/c/vectors.c -L "$lib" -laex -lcjson -lpthread -o "$out/vectors"
 cc "${cflags[@]}" tests/c/dispatch.c -L "$lib" -laex -lpthread -o "$out/dispatch"
+cc "${cflags[@]}" tests/c/edges.c -L "$lib" -laex -lpthread -o "$out/edges-dynamic"
+cc "${cflags[@]}" tests/c/edges.c "$static" -lpthread -ldl -lm -o "$out/edges-static"
+cc "${cflags[@]}" -g -fsanitize=address,undefined -fno-omit-frame-pointer tests/c/edges.c -L "$lib" -laex -lpthread -o "$out/edges-asan"
+# The header in the oldest dialects a host may use, with -fshort-enums (no struct may change).
+cc -std=c89 -pedantic -Wall -Wextra -Werror -fshort-enums -I "$root/include" tests/c/c89.c -L "$lib" -laex -lpthread -o "$out/c89"
+c++ -x c++ -std=c++98 -pedantic -Wall -Wextra -Werror -fshort-enums -I "$root/include" tests/c/c89.c -L "$lib" -laex -lpthread -o "$out/cpp98"
 # Hosts with SQLite of their own beside libaex: the system's shared library, and its static one
 # (which does not link at all if libaex.a exports SQLite's symbols).
 cc "${cflags[@]}" tests/c/two_sqlites.c -L "$lib" -laex -lsqlite3 -lpthread -o "$out/two-sqlites-dynamic"
@@ -29,6 +35,8 @@ export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 "$out/host-asan" "$(mktemp -d -p "$out")" | sed 's/^c-host:/c-host-asan:/'
 "$out/vectors" "${vectors[@]}"
 "$out/raii"
+"$out/c89"
+"$out/cpp98"
 
 leaked=$(nm -g --defined-only "$static" | awk 'NF == 3 && $3 !~ /^aex_/ { n++ } END { print n + 0 }')
 if [ "$leaked" -ne 0 ]; then
@@ -65,6 +73,12 @@ provider=$!
 trap 'kill "$provider" 2>/dev/null; rm -rf "$out"' EXIT
 for _ in $(seq 100); do [ -s "$out/provider.url" ] && break; sleep 0.1; done
 "$out/dispatch" "$(head -n 1 "$out/provider.url")"
+# Governed calls at their edges (cut, stalled, refused; close, free and nested calls from
+# callbacks and other threads; fork), against a loopback provider of the test's own. Timing
+# checks make it unfit for valgrind; ASan covers its memory.
+"$out/edges-dynamic" "$(mktemp -d -p "$out")"
+"$out/edges-static" "$(mktemp -d -p "$out")" | sed 's/^c-edges:/c-edges-static:/'
+ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 "$out/edges-asan" "$(mktemp -d -p "$out")" | sed 's/^c-edges:/c-edges-asan:/'
 
 if command -v valgrind >/dev/null 2>&1; then
   valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect \
