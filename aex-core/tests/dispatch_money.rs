@@ -458,3 +458,59 @@ fn a_call_settles_by_how_it_ended() {
     assert_eq!(k.agent("atlas").unwrap().reserved_micro, 0);
     assert_clean(&k);
 }
+
+/// A listener whose backlog is full: connections to it hang until the client gives up.
+fn full_backlog() -> (String, Vec<std::net::TcpStream>) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns; the listener takes it over.
+    let listener = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        assert_eq!(libc::bind(fd, std::ptr::from_ref(&addr).cast(), std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t), 0);
+        assert_eq!(libc::listen(fd, 0), 0);
+        std::net::TcpListener::from_raw_fd(fd)
+    };
+    let addr = listener.local_addr().unwrap();
+    // Fill the accept queue (never accepted) until a connection no longer completes at once.
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    std::mem::forget(listener);
+    (format!("http://{addr}"), held)
+}
+
+/// A connection still pending when the answer's timeout would run out sent nothing: the connect
+/// timeout bounds it and the reservation is released, whatever the two timeouts' order.
+#[tokio::test]
+async fn a_connection_that_never_opens_is_released_even_with_a_short_request_timeout() {
+    let (url, _held) = full_backlog();
+    let b = MockServer::start().await;
+    let yaml = format!(
+        "providers:\n  primary: {{base_url: \"{url}/v1\"}}\nmodels:\n  capped: {{provider: primary, input_price: 1, output_price: 2, max_output_tokens: 100}}\n"
+    );
+    let options = KernelOptions {
+        config: Config::from_yaml(&yaml).unwrap(),
+        dispatch: DispatchOptions {
+            connect_timeout: Duration::from_millis(600),
+            request_timeout: Duration::from_millis(100),
+            max_retries: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let k = Kernel::open_in_memory(options).unwrap();
+    let t = token(&k, false);
+    let failure = k.call_provider(&t, chat(json!({}))).await.unwrap_err();
+    assert!(failure.error.to_string().contains("cannot reach"), "{}", failure.error);
+    assert_eq!(failure.settlement.map(|s| (s.state, s.cost_micro)), Some((aex_core::ExecutionState::Released, 0)));
+    assert_eq!(books(&k), (0, 0, vec!["execution.released".into()]));
+    drop(b);
+    assert_clean(&k);
+}

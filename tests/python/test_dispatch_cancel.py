@@ -225,3 +225,32 @@ models:
     assert caught.value.execution_id == e["execution_id"]
     assert caught.value.settlement is not None and caught.value.settlement.cost_micro == e["cost_micro"] == e["reserved_micro"]
     assert_clean(kernel)
+
+
+def test_a_forked_child_can_drop_a_kernel_that_dispatched(tmp_path):
+    from provider import Provider
+
+    provider = Provider()
+    try:
+        kernel = aex.Kernel(str(tmp_path / "aex.db"), config_yaml=f"""
+providers:
+  local: {{base_url: "{provider.url}"}}
+models:
+  mini: {{provider: local, input_price: 1, output_price: 2, max_output_tokens: 1000}}
+""", durability="normal")
+        token = kernel.create_agent("atlas", "1.00")
+        kernel.chat(token, model="mini", messages=MSGS)  # the dispatch runtime's threads now run
+        pid = os.fork()
+        if pid == 0:  # the child: dropping the kernel must not wait for threads it does not have
+            signal.alarm(20)
+            del kernel
+            import gc
+
+            gc.collect()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert kernel.agent("atlas")["spent_micro"] == 112
+        assert_clean(kernel)
+    finally:
+        provider.stop()

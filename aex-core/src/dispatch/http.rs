@@ -20,12 +20,26 @@ pub struct DispatchState {
     options: DispatchOptions,
     client: OnceLock<reqwest::Client>,
     runtime: OnceLock<tokio::runtime::Runtime>,
+    /// The process that built the runtime: its worker threads exist only there.
+    runtime_pid: OnceLock<u32>,
+}
+
+impl Drop for DispatchState {
+    fn drop(&mut self) {
+        // In a child forked after the runtime started, its threads do not exist: shutting it
+        // down would wait for them forever. Leak it instead (the child's copy of its memory).
+        if self.runtime_pid.get().is_some_and(|&pid| pid != std::process::id())
+            && let Some(runtime) = self.runtime.take()
+        {
+            std::mem::forget(runtime);
+        }
+    }
 }
 
 impl DispatchState {
     /// State with these options; nothing is built until the first call.
     pub fn new(options: DispatchOptions) -> Self {
-        DispatchState { options, client: OnceLock::new(), runtime: OnceLock::new() }
+        DispatchState { options, client: OnceLock::new(), runtime: OnceLock::new(), runtime_pid: OnceLock::new() }
     }
 
     fn client(&self) -> Result<&reqwest::Client> {
@@ -53,6 +67,7 @@ impl DispatchState {
             .enable_all()
             .build()
             .map_err(|e| Error::Unavailable(format!("cannot start the dispatch runtime: {e}")))?;
+        let _ = self.runtime_pid.set(std::process::id());
         Ok(self.runtime.get_or_init(|| runtime))
     }
 }
@@ -279,7 +294,9 @@ async fn attempt<'c>(
     }
     let cancel = &call.cancel;
     let sent_at = std::time::Instant::now();
-    let response = match wait(cancel, timeout, req.send()).await {
+    // The wait for the answer starts once connected: until `connect_timeout` the connection's
+    // own error (nothing written: released) comes first, never a timeout that must be charged.
+    let response = match wait(cancel, state.options.connect_timeout + timeout, req.send()).await {
         Wait::Done(Ok(r)) => {
             governed.sent();
             r

@@ -92,9 +92,10 @@ impl Endpoint {
 pub struct DispatchOptions {
     /// How long to wait for a connection.
     pub connect_timeout: Duration,
-    /// How long until the provider's answer starts; then, for a plain call, how long its body
-    /// may take, and for a stream, the longest gap between two chunks (a healthy stream of any
-    /// length is never cut).
+    /// How long until the provider's answer starts, counted from the connection (a connection
+    /// still pending is bounded by `connect_timeout` and released); then, for a plain call, how
+    /// long its body may take, and for a stream, the longest gap between two chunks (a healthy
+    /// stream of any length is never cut).
     pub request_timeout: Duration,
     /// Retries of a retryable failure on the same model before moving to a fallback.
     pub max_retries: u32,
