@@ -801,19 +801,19 @@ aex_status aex_options_set_manual_clock(struct aex_options *opts,
  * Sets the timeouts and retries of governed provider calls (`aex_kernel_call` /
  * `aex_kernel_stream`). Timeouts are in ms, each > 0.
  *
- * * `connect_timeout_ms` (default 10000): how long to wait for the connection to the provider.
+ * * `connect_timeout_ms` (default 10000): how long to wait for the connection to the provider,
+ *   and at most half of `request_timeout_ms`.
  *   A connection that cannot be made (refused, unreachable, or not made within this time)
  *   sent nothing: its reservation is released (nothing is charged) and the attempt may be
  *   retried.
- * * `request_timeout_ms` (default 600000): counted from the connection, how long until the
- *   provider's answer starts (its status line and headers: the time to first byte);
+ * * `request_timeout_ms` (default 600000): counted from the start of the attempt, how long
+ *   until the provider's answer starts (its status line and headers: the time to first byte);
  *   then, for a plain call, how long its body may take to arrive; and for a stream, the longest
  *   idle gap between two chunks (time spent in the callback does not count); a healthy stream
  *   of any length is never cut. When it runs out, the request may have reached the provider:
  *   the call is charged (from the counted output, or at the full reservation when nothing was
- *   seen), returns `AEX_UNAVAILABLE`, and is not retried. (The whole wait for the answer is
- *   at most `connect_timeout_ms + request_timeout_ms`: a connection still pending is bounded
- *   by the connect timeout and released, never charged.)
+ *   seen), returns `AEX_UNAVAILABLE`, and is not retried. (A connection still pending fails
+ *   first, at the connect timeout — never more than half of this one — and is released.)
  * * `max_retries` (0 to 10, default 2): retries of a failure that cost nothing (a connection
  *   that could not be made, a provider 5xx) on the same model, with jittered backoff, before
  *   the model's `fallbacks` are tried.

@@ -2,6 +2,7 @@
 //! limits on slow or large clients, disconnects and shutdown settling every call.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aex_core::dispatch::DispatchOptions;
@@ -283,5 +284,72 @@ async fn admin_endpoints_need_the_admin_token_and_beyond_loopback_one_is_require
     let activity: Value = c.get(gw.url("/admin/activity?limit=5")).bearer_auth("s3cret-admin").send().await.unwrap().json().await.unwrap();
     assert_eq!(activity["data"][0]["kind"], "config.loaded");
     assert_eq!(c.get(gw.url("/health")).send().await.unwrap().status(), 200);
+    gw.shutdown().await;
+}
+
+/// A provider that answers every chat request after `delay`, so that many are in flight at once.
+async fn slow_provider(delay: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let body = reply().to_string();
+    let answer: &'static str = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).leak();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    if socket.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A thousand clients, each on its own connection, all with a call in flight at once: every one
+/// answered, every one settled, the books exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_connections_are_held_and_settled() {
+    const CLIENTS: usize = 1_000;
+    let url = slow_provider(Duration::from_millis(500)).await;
+    let k = kernel(&url);
+    let token = agent(&k, "atlas", 1_000_000_000, |_| {});
+    let gw = start(&k, ServeOptions::default()).await;
+    let body = chat(json!({})).to_string();
+    let request: Arc<str> = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into();
+    let barrier = Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (request, barrier, addr) = (request.clone(), barrier.clone(), gw.addr);
+            tokio::spawn(async move {
+                let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+                barrier.wait().await; // every connection is open before any request is sent
+                socket.write_all(request.as_bytes()).await.unwrap();
+                let mut answer = Vec::new();
+                socket.read_to_end(&mut answer).await.unwrap();
+                String::from_utf8_lossy(&answer).into_owned()
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        let answer = tokio::time::timeout(Duration::from_secs(120), t).await.expect("answered in time").unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{}", answer.lines().next().unwrap_or(""));
+        ok += 1;
+    }
+    assert_eq!(ok, CLIENTS);
+    let a = k.agent("atlas").unwrap();
+    assert_eq!((a.spent_micro, a.reserved_micro), (11 * CLIENTS as i64, 0));
+    assert_settled(&k, "atlas");
     gw.shutdown().await;
 }

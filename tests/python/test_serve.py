@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import openai
 import pytest
@@ -119,6 +120,28 @@ def test_curl(server):
     head, _, body = out.partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 200") and "x-aex-cost-micro: 112" in head
     assert json.loads(body)["usage"]["completion_tokens"] == 6
+
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
+
+
+@pytest.mark.skipif(shutil.which("node") is None or shutil.which("npm") is None, reason="Node.js and npm are not installed")
+def test_a_node_agent_with_the_official_openai_package(server):
+    # The package comes from the npm registry on first use (kept in tests/node/node_modules).
+    if not (NODE_DIR / "node_modules" / "openai").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=NODE_DIR, check=True, timeout=600)
+    k = aex.Kernel(server.db, config=server.config)
+    token = k.create_agent("node-agent", "1.00")
+    env = dict(os.environ, OPENAI_BASE_URL=server.url, OPENAI_API_KEY=token)
+    proc = subprocess.run(["node", "agent.mjs"], cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["text"] == seen["streamed"] == "Hello from the test provider."
+    assert seen["usage"]["prompt_tokens"] == 100
+    assert seen["denied"] == {"status": 403, "code": "model_not_configured"}
+    agent = k.agent("node-agent")
+    assert (agent["spent_micro"], agent["reserved_micro"]) == (2 * (100 + 2 * 6), 0)
+    assert_clean(k)
 
 
 def test_in_process_and_http_agents_share_one_team_budget_without_overshoot(server):

@@ -49,7 +49,9 @@ impl DispatchState {
         // rustls needs a process-wide crypto provider; installing twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
-            .connect_timeout(self.options.connect_timeout)
+            // A connection still pending must fail as a connection error (nothing written:
+            // released) well before the request timeout, whose expiry is charged.
+            .connect_timeout(self.options.connect_timeout.min(self.options.request_timeout / 2))
             // A redirect would re-send the prompt (and the key) to another host: never followed.
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -294,9 +296,7 @@ async fn attempt<'c>(
     }
     let cancel = &call.cancel;
     let sent_at = std::time::Instant::now();
-    // The wait for the answer starts once connected: until `connect_timeout` the connection's
-    // own error (nothing written: released) comes first, never a timeout that must be charged.
-    let response = match wait(cancel, state.options.connect_timeout + timeout, req.send()).await {
+    let response = match wait(cancel, timeout, req.send()).await {
         Wait::Done(Ok(r)) => {
             governed.sent();
             r
@@ -308,7 +308,11 @@ async fn attempt<'c>(
         }
         Wait::Done(Err(e)) => {
             governed.sent();
-            let why = format!("the connection failed after the request was sent ({})", e.without_url());
+            let why = if e.is_timeout() {
+                format!("no answer within {} ms", timeout.as_millis())
+            } else {
+                format!("the connection failed after the request was sent ({})", e.without_url())
+            };
             return Err(charged(model, &why, last.end(governed, Ending::Interrupted(why.clone()))));
         }
         Wait::TimedOut => {

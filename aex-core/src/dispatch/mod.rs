@@ -90,12 +90,13 @@ impl Endpoint {
 /// Timeouts and retries of governed calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchOptions {
-    /// How long to wait for a connection.
+    /// How long to wait for a connection — at most half of `request_timeout`, so that a
+    /// connection still pending fails as one (nothing was written: released) before the request
+    /// timeout, whose expiry is charged.
     pub connect_timeout: Duration,
-    /// How long until the provider's answer starts, counted from the connection (a connection
-    /// still pending is bounded by `connect_timeout` and released); then, for a plain call, how
-    /// long its body may take, and for a stream, the longest gap between two chunks (a healthy
-    /// stream of any length is never cut).
+    /// How long until the provider's answer starts, from the start of the attempt; then, for a
+    /// plain call, how long its body may take, and for a stream, the longest gap between two
+    /// chunks (a healthy stream of any length is never cut).
     pub request_timeout: Duration,
     /// Retries of a retryable failure on the same model before moving to a fallback.
     pub max_retries: u32,

@@ -5,6 +5,8 @@
 //! aex-bench dispatch    a governed provider call against a direct one, loopback server
 //! aex-bench http-hop    the reference: admit + commit as two loopback HTTP round trips
 //! aex-bench auth        unknown-token refusals: a near miss against a random guess
+//! aex-bench gateway     a chat call through `aex serve` against the same call made directly,
+//!                       at 1 and 64 concurrent clients
 //! ```
 //!
 //! Every row: `surface`, `case`, `durability`, `threads`, `processes`, `calls`, `p50_us`,
@@ -281,6 +283,119 @@ fn http_hop_row() {
     drop(rt);
 }
 
+/// A loopback provider that answers every request at once with the same small chat completion
+/// (keep-alive, one request per read): the floor under both the direct and the gateway rows.
+async fn instant_provider() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = json!({"id": "c", "object": "chat.completion", "created": 0, "model": MODEL,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}})
+    .to_string();
+    let reply: &'static [u8] = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes().leak();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let _ = sock.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = sock.read(&mut buf).await {
+                    if n == 0 || sock.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `clients` tasks each making `calls` POSTs of `body` to `url`; every latency (µs) and the wall time.
+async fn load(url: &str, token: &str, body: &Value, clients: usize, calls: usize) -> (Vec<f64>, Duration) {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build().unwrap();
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, url, token, body) = (client.clone(), url.to_string(), token.to_string(), body.to_string());
+            tokio::spawn(async move {
+                let mut micros = Vec::with_capacity(calls);
+                for _ in 0..calls {
+                    let t = Instant::now();
+                    let r = client.post(&url).bearer_auth(&token).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
+                    assert!(r.status().is_success(), "{}", r.status());
+                    r.bytes().await.unwrap();
+                    micros.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+                micros
+            })
+        })
+        .collect();
+    let mut micros = Vec::new();
+    for t in tasks {
+        micros.extend(t.await.unwrap());
+    }
+    (micros, start.elapsed())
+}
+
+/// A chat call through `aex serve` (its own runtime, two workers, durability `normal`) against
+/// the same call straight to the provider, at 1 and 64 concurrent clients.
+fn gateway_rows() {
+    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (provider, gateway, token) = server_rt.block_on(async {
+        let provider = instant_provider().await;
+        let config = Config::from_yaml(&format!(
+            "providers:\n  local: {{base_url: \"http://{provider}/v1\"}}\nmodels:\n  {MODEL}: {{provider: local, input_price: 0.15, output_price: 0.60, max_output_tokens: 100}}\n"
+        ))
+        .unwrap();
+        let store = StoreOptions { durability: Durability::Normal, ..StoreOptions::default() };
+        let k = Kernel::open(dir.path().join("g.db"), KernelOptions { config, store, ..KernelOptions::default() }).unwrap();
+        let token = k.create_agent(&AgentSpec::new("bench", money::MAX_MICRO)).unwrap().token.expose().to_string();
+        let options = aex_serve::ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), ..aex_serve::ServeOptions::default() };
+        let gateway = aex_serve::Gateway::bind(k, options).await.unwrap();
+        let addr = gateway.local_addr().unwrap();
+        tokio::spawn(gateway.run(std::future::pending()));
+        (provider, addr, token)
+    });
+    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20});
+    let direct = format!("http://{provider}/v1/chat/completions");
+    let governed = format!("http://{gateway}/v1/chat/completions");
+    // The AEX 2.0 daemon in front of the same provider, when `AEX2_START` names its starter
+    // (benches/aex2/start): it prints "URL TOKEN" once ready and runs until its group is killed.
+    let aex2 = std::env::var("AEX2_START").ok().and_then(|start| {
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(start).arg(format!("http://{provider}/v1")).stdout(Stdio::piped()).stderr(Stdio::null()).process_group(0).spawn().ok()?;
+        let line = BufReader::new(child.stdout.take()?).lines().next()?.ok()?;
+        let (url, token) = line.split_once(' ')?;
+        Some((child, format!("{url}/v1/chat/completions"), token.to_string()))
+    });
+    client_rt.block_on(async {
+        // Warm every path (connections, the tokenizer, the statement cache).
+        load(&direct, &token, &body, 1, 50).await;
+        load(&governed, &token, &body, 1, 50).await;
+        if let Some((_, url, t)) = &aex2 {
+            load(url, t, &body, 1, 20).await;
+        }
+        for clients in [1, 64] {
+            let calls = ((if clients == 1 { 2_000.0 } else { 100.0 }) * scale()).max(10.0) as usize;
+            let (m, wall) = load(&direct, &token, &body, clients, calls).await;
+            emit(&row("gateway", "chat call, direct to the provider (no aex)", "-", clients, 1, m, wall));
+            let (m, wall) = load(&governed, &token, &body, clients, calls).await;
+            emit(&row("gateway", "chat call through aex serve", "normal", clients, 1, m, wall));
+            if let Some((_, url, t)) = &aex2 {
+                // The daemon is about 100 times slower: fewer calls give it the same wall time.
+                let (m, wall) = load(url, t, &body, clients, (calls / 10).max(5)).await;
+                emit(&row("gateway", "chat call through the AEX 2.0 daemon", "-", clients, 1, m, wall));
+            }
+        }
+    });
+    if let Some((child, _, _)) = aex2 {
+        let _ = Command::new("kill").arg("--").arg(format!("-{}", child.id())).status();
+    }
+    drop(server_rt);
+}
+
 /// Refusing an unknown token: one that differs from a real token in its last character against
 /// a random one. Lookup is by SHA-256 digest, so the two should take the same time.
 fn auth_rows() {
@@ -312,9 +427,10 @@ fn main() {
         ["dispatch"] => dispatch_rows(),
         ["http-hop"] => http_hop_row(),
         ["auth"] => auth_rows(),
+        ["gateway"] => gateway_rows(),
         ["child", db, durability, calls, go] => child(db, durability, calls.parse().unwrap(), go),
         _ => {
-            eprintln!("usage: aex-bench rust | dispatch | http-hop | auth");
+            eprintln!("usage: aex-bench rust | dispatch | http-hop | auth | gateway");
             std::process::exit(2);
         }
     }
