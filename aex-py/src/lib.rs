@@ -94,6 +94,17 @@ impl PyCall {
         self.with(py, |c| c.output(text))
     }
 
+    /// One answer body or stream event (its JSON text) as the provider sent it: its output and
+    /// usage are read by the kernel's rules (`aex_core::call::Call::observe`). Returns whether it
+    /// says the answer is whole. Text that is not a JSON object is ignored (False).
+    #[pyo3(signature = (data, embeddings=false))]
+    fn observe(&self, py: Python<'_>, data: &str, embeddings: bool) -> PyResult<bool> {
+        match serde_json::from_str::<serde_json::Value>(data) {
+            Ok(v) if v.is_object() => self.with(py, |c| c.observe(&v, embeddings)),
+            _ => Ok(false),
+        }
+    }
+
     /// The provider's reported token counts.
     #[pyo3(signature = (input_tokens, output_tokens, cached_input_tokens=None))]
     fn reported(&self, py: Python<'_>, input_tokens: &Bound<'_, PyAny>, output_tokens: &Bound<'_, PyAny>, cached_input_tokens: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
@@ -222,8 +233,8 @@ impl Kernel_ {
         request_timeout_ms: i64,
         max_retries: i64,
     ) -> PyResult<Self> {
-        let mut options = KernelOptions::default();
-        options.store = StoreOptions { durability: Durability::parse(durability).map_err(|e| err(py, &e))?, ..StoreOptions::default() };
+        let store = StoreOptions { durability: Durability::parse(durability).map_err(|e| err(py, &e))?, ..StoreOptions::default() };
+        let mut options = KernelOptions { store, ..KernelOptions::default() };
         options.config = match (config, config_yaml) {
             (Some(_), Some(_)) => return Err(invalid(py, "config", "give config or config_yaml, not both")),
             (Some(p), None) => Config::load(p).map_err(|e| err(py, &e))?,

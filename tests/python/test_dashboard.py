@@ -95,9 +95,9 @@ def test_the_dashboard_follows_spend_denials_and_events_live(gateway, browser):
     wait_for(lambda: cell(browser, "http-agent", "spent") == "$0.00", "the new agents")
     assert cell(browser, "local-agent", "budget") == "$0.001"
 
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key=http_token, max_retries=0)
-    client.chat.completions.create(model="mini", messages=MSGS)
-    client.chat.completions.create(model="mini", messages=MSGS, stream=True, stream_options={"include_usage": True}).close()
+    with openai.OpenAI(base_url=f"{base}/v1", api_key=http_token, max_retries=0) as client:
+        client.chat.completions.create(model="mini", messages=MSGS)
+        client.chat.completions.create(model="mini", messages=MSGS, stream=True, stream_options={"include_usage": True}).close()
     with pytest.raises(aex.errors.InsufficientBudget):
         k.chat(local_token, model="mini", messages=MSGS)
 

@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -69,10 +70,11 @@ def server(home):
     s.stop()
 
 
-def test_the_openai_sdk_sync_async_and_streaming(server, home):
+def test_the_openai_sdk_sync_async_and_streaming(server, home, request):
     k = aex.Kernel(server.db, config=server.config)
     token = k.create_agent("atlas", "1.00")
     client = openai.OpenAI(base_url=server.url, api_key=token, max_retries=0)
+    request.addfinalizer(client.close)
     r = client.chat.completions.create(model="mini", messages=MSGS)
     assert r.choices[0].message.content == "Hello from the test provider." and r.usage.prompt_tokens == 100
     chunks = list(client.chat.completions.create(model="mini", messages=MSGS, stream=True, stream_options={"include_usage": True}))
@@ -81,11 +83,11 @@ def test_the_openai_sdk_sync_async_and_streaming(server, home):
     assert client.responses.create(model="mini", input="hi").output_text == "hello"
 
     async def main():
-        ac = openai.AsyncOpenAI(base_url=server.url, api_key=token, max_retries=0)
-        reply = await ac.chat.completions.create(model="mini", messages=MSGS)
-        stream = await ac.chat.completions.create(model="mini", messages=MSGS, stream=True)
-        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-        return reply.usage.completion_tokens, text
+        async with openai.AsyncOpenAI(base_url=server.url, api_key=token, max_retries=0) as ac:
+            reply = await ac.chat.completions.create(model="mini", messages=MSGS)
+            stream = await ac.chat.completions.create(model="mini", messages=MSGS, stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            return reply.usage.completion_tokens, text
 
     assert asyncio.run(main()) == (6, "Hello from the test provider.")
     with pytest.raises(openai.PermissionDeniedError) as caught:
@@ -102,8 +104,9 @@ def test_langchain_chat_openai_with_base_url(server):
     langchain_openai = pytest.importorskip("langchain_openai", reason="langchain-openai is not installed")
     k = aex.Kernel(server.db, config=server.config)
     token = k.create_agent("atlas", "1.00")
-    llm = langchain_openai.ChatOpenAI(model="mini", base_url=server.url, api_key=token, max_retries=0)
-    assert llm.invoke("hello").content == "Hello from the test provider."
+    with httpx.Client() as http:
+        llm = langchain_openai.ChatOpenAI(model="mini", base_url=server.url, api_key=token, max_retries=0, http_client=http)
+        assert llm.invoke("hello").content == "Hello from the test provider."
     assert k.agent("atlas")["spent_micro"] == 100 + 2 * 6
     assert_clean(k)
 
@@ -153,14 +156,14 @@ def test_in_process_and_http_agents_share_one_team_budget_without_overshoot(serv
     lock = threading.Lock()
 
     def http_agent(token):
-        client = openai.OpenAI(base_url=server.url, api_key=token, max_retries=0)
-        for _ in range(15):
-            try:
-                client.chat.completions.create(model="mini", messages=MSGS)
-                with lock:
-                    admitted.append(token)
-            except openai.APIStatusError as e:
-                assert e.status_code == 402 and e.body["code"] == "team_budget_exceeded", e.body
+        with openai.OpenAI(base_url=server.url, api_key=token, max_retries=0) as client:
+            for _ in range(15):
+                try:
+                    client.chat.completions.create(model="mini", messages=MSGS)
+                    with lock:
+                        admitted.append(token)
+                except openai.APIStatusError as e:
+                    assert e.status_code == 402 and e.body["code"] == "team_budget_exceeded", e.body
 
     def local_agent(token):
         for _ in range(15):

@@ -156,6 +156,20 @@ impl Call {
         }
     }
 
+    /// Feeds the call one answer body or stream event, parsed: the output it carries (unless
+    /// `embeddings`, which bill no output) and its usage (`usage`, or a Responses event's
+    /// `response.usage`). Returns whether it says the answer is whole (see [`is_complete`]).
+    pub fn observe(&mut self, v: &Value, embeddings: bool) -> bool {
+        if !embeddings {
+            self.output(&output_of(v));
+        }
+        let usage = v.get("usage").filter(|u| !u.is_null()).or_else(|| v.pointer("/response/usage").filter(|u| !u.is_null()));
+        if let Some(u) = usage {
+            self.usage(u, embeddings);
+        }
+        is_complete(v)
+    }
+
     /// Whether a usage report has been seen.
     pub fn has_usage(&self) -> bool {
         self.usage.is_some()
@@ -233,8 +247,9 @@ pub fn usage_of(usage: &Value) -> Option<Usage> {
     Some(Usage { input_tokens: input, output_tokens: output, cached_input_tokens: cached.clamp(0, input.max(0)) })
 }
 
-/// The output a response or stream chunk carries that is billed as output: message text and
-/// tool-call arguments (chat, streamed chat, responses).
+/// The output a response or stream event carries that is billed as output: message text,
+/// refusals and reasoning text, tool-call, function-call and custom-tool arguments — for chat
+/// (plain and streamed), legacy completions, and responses (bodies and stream events).
 pub fn output_of(v: &Value) -> String {
     let mut out = String::new();
     let mut text = |t: Option<&Value>| {
@@ -243,9 +258,12 @@ pub fn output_of(v: &Value) -> String {
         }
     };
     for c in v.get("choices").and_then(Value::as_array).into_iter().flatten() {
+        text(c.get("text"));
         for part in ["message", "delta"] {
             let Some(m) = c.get(part) else { continue };
-            text(m.get("content"));
+            for key in ["content", "refusal", "reasoning_content"] {
+                text(m.get(key));
+            }
             text(m.pointer("/function_call/arguments"));
             for t in m.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
                 text(t.pointer("/function/arguments"));
@@ -253,16 +271,35 @@ pub fn output_of(v: &Value) -> String {
         }
     }
     text(v.get("output_text"));
-    if matches!(v.get("type").and_then(Value::as_str), Some("response.output_text.delta" | "response.function_call_arguments.delta")) {
+    let delta_kinds = [
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+    ];
+    if v.get("type").and_then(Value::as_str).is_some_and(|k| delta_kinds.contains(&k)) {
         text(v.get("delta"));
     }
     for item in v.get("output").and_then(Value::as_array).into_iter().flatten() {
         text(item.get("arguments"));
+        text(item.get("input"));
+        // `output_text`, where present, already holds the message text.
         if v.get("output_text").is_none() {
             for c in item.get("content").and_then(Value::as_array).into_iter().flatten() {
                 text(c.get("text"));
+                text(c.get("refusal"));
             }
         }
     }
     out
+}
+
+/// Whether an answer body or stream event says the answer is whole: a Responses terminal
+/// event, a choice with a `finish_reason`, or a usage report.
+pub fn is_complete(v: &Value) -> bool {
+    matches!(v.get("type").and_then(Value::as_str), Some("response.completed" | "response.incomplete" | "response.failed"))
+        || v.get("choices").and_then(Value::as_array).is_some_and(|cs| cs.iter().any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null())))
+        || v.get("usage").is_some_and(Value::is_object)
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::sse::Lines;
 use super::{CallFailure, Cancel, DispatchOptions, Endpoint, Failure, ProviderCall, ProviderReply, admit_request, passthrough_required};
 use crate::Kernel;
-use crate::call::{Call, Ending, Settled, output_of};
+use crate::call::{Call, Ending, Settled};
 use crate::error::{Error, RateWindow, Result};
 use crate::settlement::Settlement;
 
@@ -395,10 +395,7 @@ async fn attempt<'c>(
                 break 'read;
             }
             if let Ok(v) = serde_json::from_str::<Value>(&data) {
-                governed.output(&output_of(&v));
-                if let Some(u) = v.get("usage").filter(|u| !u.is_null()).or_else(|| v.pointer("/response/usage")) {
-                    governed.usage(u, embeddings);
-                }
+                governed.observe(&v, embeddings);
             }
             if !on_chunk(&data) {
                 abandoned = true;
@@ -439,10 +436,7 @@ fn complete(
     bytes: &[u8],
     provider_time: Duration,
 ) -> std::result::Result<ProviderReply, Failure> {
-    governed.output(&output_of(&value));
-    if let Some(u) = value.get("usage") {
-        governed.usage(u, embeddings);
-    }
+    governed.observe(&value, embeddings);
     let execution_id = governed.execution_id().to_string();
     let settled = last.end(governed, Ending::Completed).map_err(Failure::Final)?;
     Ok(ProviderReply {

@@ -231,75 +231,6 @@ def _admit(kernel: Kernel, token: str, kind: str, body: dict[str, Any]) -> _aex.
 
 # ---- reading the answer -------------------------------------------------------------------------
 
-_INT64 = 2**63 - 1
-
-
-def _count(value: Any) -> Optional[int]:
-    return value if isinstance(value, int) and not isinstance(value, bool) and -_INT64 <= value <= _INT64 else None
-
-
-def _text(out: list[str], value: Any) -> None:
-    if isinstance(value, str) and value:
-        out.append(value)
-
-
-def _output_of(v: Mapping[str, Any]) -> str:
-    """The output a response body or stream event carries that is billed as output: message
-    text, refusals, and tool-call and function-call arguments (chat, streamed chat, legacy
-    completions, responses and their stream events)."""
-    out: list[str] = []
-    for choice in v.get("choices") or []:
-        if not isinstance(choice, Mapping):
-            continue
-        _text(out, choice.get("text"))
-        for part in ("message", "delta"):
-            m = choice.get(part)
-            if not isinstance(m, Mapping):
-                continue
-            for key in ("content", "refusal", "reasoning_content"):
-                _text(out, m.get(key))
-            fc = m.get("function_call")
-            if isinstance(fc, Mapping):
-                _text(out, fc.get("arguments"))
-            for call in m.get("tool_calls") or []:
-                fn = call.get("function") if isinstance(call, Mapping) else None
-                if isinstance(fn, Mapping):
-                    _text(out, fn.get("arguments"))
-    kind = v.get("type")
-    if isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".delta"):
-        if kind in ("response.output_text.delta", "response.refusal.delta", "response.function_call_arguments.delta",
-                    "response.custom_tool_call_input.delta", "response.reasoning_text.delta", "response.reasoning_summary_text.delta"):
-            _text(out, v.get("delta"))
-    for item in v.get("output") or []:
-        if not isinstance(item, Mapping):
-            continue
-        _text(out, item.get("arguments"))
-        _text(out, item.get("input"))
-        for part in item.get("content") or []:
-            if isinstance(part, Mapping):
-                _text(out, part.get("text"))
-                _text(out, part.get("refusal"))
-    return "".join(out)
-
-
-def _usage_of(v: Mapping[str, Any]) -> Any:
-    """The usage object a body or event carries (a Responses stream's is in its final event)."""
-    usage = v.get("usage")
-    if usage is None and isinstance(v.get("response"), Mapping):
-        usage = v["response"].get("usage")
-    return usage
-
-
-def _complete(v: Mapping[str, Any]) -> bool:
-    """Whether a body or event says the answer is whole."""
-    if v.get("type") in ("response.completed", "response.incomplete", "response.failed"):
-        return True
-    for choice in v.get("choices") or []:
-        if isinstance(choice, Mapping) and choice.get("finish_reason"):
-            return True
-    return isinstance(v.get("usage"), Mapping)
-
-
 class _Flight:
     """One governed request, from admission to settlement: it feeds the kernel's call object
     (``aex._aex.Call``), which alone decides how the call settles. Thread-safe."""
@@ -385,41 +316,13 @@ class _Flight:
         if data.startswith(b"[DONE]"):
             self.complete = True
             return
-        try:
-            value = json.loads(data)
-        except ValueError:
-            return
-        self._value(value)
+        self._observe(data)
 
-    def _value(self, value: Any) -> None:
-        if not isinstance(value, Mapping):
-            return
-        if self.kind != "embeddings":
-            text = _output_of(value)
-            if text:
-                self.call.output(text)
-        usage = _usage_of(value)
-        if usage is not None:
-            self._report(usage)
-        self.complete = self.complete or _complete(value)
-
-    def _report(self, usage: Any) -> None:
-        if not isinstance(usage, Mapping):
-            self.call.reported(-1, 0)  # see below
-            return
-        given_in = usage.get("prompt_tokens", usage.get("input_tokens"))
-        given_out = usage.get("completion_tokens", usage.get("output_tokens"))
-        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-        inp, out = _count(given_in), _count(0 if given_out is None else given_out)
-        cached = _count(details.get("cached_tokens") if isinstance(details, Mapping) else None) or 0
-        if inp is None or out is None:
-            # A count missing or beyond any integer the kernel takes: report one it rejects, so
-            # the call marks this usage untrusted and settles at its full reservation.
-            self.call.reported(-1, 0)
-            return
-        if self.kind == "embeddings":
-            out = 0
-        self.call.reported(inp, out, min(max(cached, 0), max(inp, 0)))
+    def _observe(self, data: bytes) -> None:
+        """One body or event: the kernel reads its output and usage (an untrusted usage makes
+        the call settle at its full reservation) and says whether it completes the answer."""
+        whole = self.call.observe(data.decode("utf-8", "replace"), self.kind == "embeddings")
+        self.complete = self.complete or whole
 
     # -- how it ended (each settles once; the first one wins) --
 
@@ -434,13 +337,14 @@ class _Flight:
                     self.buffer.clear()
                 self._event()
             elif self.buffer:
+                body = bytes(self.buffer)
+                self.buffer.clear()
                 try:
-                    value = json.loads(bytes(self.buffer))
+                    value = json.loads(body)
                 except ValueError:
                     value = None
-                self.buffer.clear()
                 if isinstance(value, Mapping):
-                    self._value(value)
+                    self._observe(body)
                     # A whole answer: its choices, output items or embeddings (an error object
                     # sent with a 2xx is not one).
                     self.complete = self.complete or any(isinstance(value.get(k), list) for k in ("choices", "output", "data"))
