@@ -102,7 +102,7 @@ async fn output_multipliers_and_plain_streams_are_refused_before_anything_is_res
     let k = kernel(&a.uri(), &b.uri(), Duration::from_secs(5), "");
     let t = token(&k, false);
     // And a plain call asking to stream: its answer could not be read as one body.
-    for (field, extra) in [("n", json!({"n": 5})), ("best_of", json!({"best_of": 3})), ("n", json!({"n": "2"})), ("stream", json!({"stream": true}))] {
+    for (field, extra) in [("n", json!({"n": 5})), ("best_of", json!({"best_of": 3})), ("n", json!({"n": "2"})), ("stream", json!({"stream": true})), ("stream", json!({"stream": 1})), ("stream", json!({"stream": "true"}))] {
         let e = k.call_provider(&t, chat(extra)).await.unwrap_err().error;
         assert!(matches!(&e, aex_core::Error::InvalidRequest { field: f, .. } if f == field), "{e}");
     }
@@ -455,6 +455,19 @@ fn a_call_settles_by_how_it_ended() {
     c.sent();
     c.usage(&json!({"prompt_tokens": 10, "completion_tokens": -3}), false);
     assert_eq!(c.end(Ending::Completed).unwrap().settlement.cost_micro, a.reserved_micro);
+
+    // A failure reported after output was seen: that output was work, so it is charged.
+    let mut c = Call::new(&k, &admit("failed-late"), "capped");
+    c.sent();
+    c.output("twelve bytes");
+    let s = c.end(Ending::Failed("500 mid-stream".into())).unwrap();
+    assert_eq!((s.estimated, s.settlement.state.as_str()), (true, "COMMITTED"));
+    assert_eq!(cost("failed-late").usage.unwrap().output_tokens, 12);
+
+    // Marked sent, but the connection was never made: released.
+    let mut c = Call::new(&k, &admit("never-connected"), "capped");
+    c.sent();
+    assert_eq!(c.end(Ending::NotSent("cannot connect".into())).unwrap().settlement.state.as_str(), "RELEASED");
     assert_eq!(k.agent("atlas").unwrap().reserved_micro, 0);
     assert_clean(&k);
 }
@@ -513,5 +526,65 @@ async fn a_connection_that_never_opens_is_released_even_with_a_short_request_tim
     assert_eq!(failure.settlement.map(|s| (s.state, s.cost_micro)), Some((aex_core::ExecutionState::Released, 0)));
     assert_eq!(books(&k), (0, 0, vec!["execution.released".into()]));
     drop(b);
+    assert_clean(&k);
+}
+
+/// Everything the provider bills as input is counted before the call, so a request whose input
+/// lies outside the message text is reserved for — here, refused by a budget it would blow —
+/// and never sent.
+#[tokio::test]
+async fn input_outside_the_message_text_is_counted_before_sending() {
+    let (a, b) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(reply(json!({"prompt_tokens": 9, "completion_tokens": 1})))).mount(&a).await;
+    let k = kernel(&a.uri(), &b.uri(), Duration::from_secs(5), "");
+    let mut spec = AgentSpec::new("atlas", 10_000); // about 10,000 input tokens at $1 / million
+    spec.allow_passthrough = false;
+    let t = k.create_agent(&spec).unwrap().token.expose().to_string();
+    let big = "lorem ipsum ".repeat(10_000); // ~20,000 tokens
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    let chat_cases = [
+        ("tools", json!({"messages": hi, "tools": [{"type": "function", "function": {"name": "f", "description": big, "parameters": {"type": "object"}}}]})),
+        ("response_format", json!({"messages": hi, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "description": big}}})),
+        ("tool calls in the history", json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": big}}]}]})),
+        ("a tool's answer", json!({"messages": [{"role": "tool", "tool_call_id": "1", "content": big}]})),
+    ];
+    for (what, extra) in chat_cases {
+        let e = k.call_provider(&t, chat(extra)).await.unwrap_err().error;
+        assert_eq!(e.status(), 402, "{what}: {e}");
+    }
+    let responses = ProviderCall::new(Endpoint::Responses, json!({"model": "capped", "input": [{"type": "function_call_output", "call_id": "1", "output": big}]}));
+    assert_eq!(k.call_provider(&t, responses).await.unwrap_err().error.status(), 402, "a Responses input item");
+    let tokens = ProviderCall::new(Endpoint::Embeddings, json!({"model": "capped", "input": vec![vec![1; 8_000]; 2]}));
+    assert_eq!(k.call_provider(&t, tokens).await.unwrap_err().error.status(), 402, "embeddings as token arrays");
+    // Input stored at the provider cannot be counted: refused, naming the field.
+    for stored in ["previous_response_id", "conversation", "prompt"] {
+        let call = ProviderCall::new(Endpoint::Responses, json!({"model": "capped", "input": "hi", stored: "resp_1"}));
+        let e = k.call_provider(&t, call).await.unwrap_err().error;
+        assert!(matches!(&e, aex_core::Error::InvalidRequest { field, .. } if field == stored), "{e}");
+    }
+    // Malformed messages are refused naming the field, not counted as nothing.
+    for (field, messages) in [("messages", json!("a string")), ("messages[0].content", json!([{"role": "user", "content": 5}])), ("messages[0]", json!(["hi"]))] {
+        let e = k.call_provider(&t, chat(json!({"messages": messages}))).await.unwrap_err().error;
+        assert!(matches!(&e, aex_core::Error::InvalidRequest { field: f, .. } if f == field), "{field}: {e}");
+    }
+    assert!(a.received_requests().await.unwrap().is_empty(), "nothing was sent");
+    assert_eq!(k.agent("atlas").unwrap().spent_micro, 0);
+    // The same small request is admitted and sent.
+    k.call_provider(&t, chat(json!({"messages": hi}))).await.unwrap();
+    assert_clean(&k);
+}
+
+/// A 2xx whose body is an error object is not an answer: charged in full (it may have been
+/// work), reported, and not retried.
+#[tokio::test]
+async fn a_2xx_error_object_is_charged_in_full_and_reported() {
+    let (a, b) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(json!({"error": {"message": "overloaded"}}))).mount(&a).await;
+    let k = kernel(&a.uri(), &b.uri(), Duration::from_secs(5), "");
+    let t = token(&k, false);
+    let failure = k.call_provider(&t, chat(json!({}))).await.unwrap_err();
+    assert_eq!(failure.error.status(), 503, "{}", failure.error);
+    assert_eq!(failure.settlement.map(|s| s.cost_micro), Some(reservation(&k)));
+    assert_eq!(a.received_requests().await.unwrap().len(), 1);
     assert_clean(&k);
 }

@@ -117,7 +117,8 @@ impl PyCall {
     }
 
     /// Ends the call: `how` is `completed`, `interrupted` (`detail` says why), `failed` (the
-    /// provider failed before doing work; `detail` says how) or `refused` (`status`). Returns the
+    /// provider failed; `detail` says how: released if no output was seen, else charged for it),
+    /// `refused` (`status`), or `not_sent` (aex knows nothing reached the provider). Returns the
     /// settlement and whether aex estimated it.
     #[pyo3(signature = (how, detail="", status=0))]
     fn end(&self, py: Python<'_>, how: &str, detail: &str, status: u16) -> PyResult<(PySettlement, bool)> {
@@ -127,7 +128,8 @@ impl PyCall {
             "interrupted" => Ending::Interrupted(detail.to_string()),
             "failed" => Ending::Failed(detail.to_string()),
             "refused" => Ending::Refused { status },
-            _ => return Err(invalid(py, "how", format!("must be completed, interrupted, failed or refused, got '{how}'"))),
+            "not_sent" => Ending::NotSent(detail.to_string()),
+            _ => return Err(invalid(py, "how", format!("must be completed, interrupted, failed, refused or not_sent, got '{how}'"))),
         };
         let call = self
             .call
@@ -400,6 +402,36 @@ impl Kernel_ {
         detach(py, || self.kernel.delete_team(name))
     }
 
+    /// Admits the request an OpenAI-style body describes (`endpoint`: "chat", "responses" or
+    /// "embeddings"), counting everything the provider bills as input — tool definitions,
+    /// schemas, tool calls, input items, token arrays — as the dispatcher does
+    /// (`aex_core::dispatch::request_of`). `passthrough`: the request carries the agent's key.
+    /// `input_tokens` (counted by the caller) and `vision` override what the body implies.
+    #[pyo3(signature = (token, endpoint, body, *, execution_id=None, passthrough=false, input_tokens=None, vision=None))]
+    fn admit_body(
+        &self,
+        py: Python<'_>,
+        token: &str,
+        endpoint: &str,
+        body: &str,
+        execution_id: Option<String>,
+        passthrough: bool,
+        input_tokens: Option<&Bound<'_, PyAny>>,
+        vision: Option<bool>,
+    ) -> PyResult<PyAdmission> {
+        let endpoint = aex_core::dispatch::Endpoint::parse(endpoint).map_err(|e| err(py, &e))?;
+        let body: serde_json::Value = serde_json::from_str(body).map_err(|e| invalid(py, "body", e.to_string()))?;
+        let mut request =
+            aex_core::dispatch::request_of(endpoint, &body, execution_id.as_deref(), passthrough, &self.kernel.config()).map_err(|e| err(py, &e))?;
+        if let Some(n) = convert::opt_int(py, "input_tokens", input_tokens)? {
+            request.input_tokens = Some(n);
+        }
+        if let Some(v) = vision {
+            request.vision = v;
+        }
+        detach(py, || self.kernel.admit(token, &request)).map(PyAdmission::from)
+    }
+
     /// Admits a call; `messages` are (role, text) pairs.
     #[pyo3(signature = (token, model, *, messages=None, input_tokens=None, max_output_tokens=None, tools=false, stream=false, vision=false, execution_id=None))]
     fn admit(
@@ -501,7 +533,9 @@ impl Kernel_ {
     }
 
     #[pyo3(signature = (from_seq=1, limit=100))]
-    fn events(&self, py: Python<'_>, from_seq: u64, limit: usize) -> PyResult<Py<PyAny>> {
+    fn events(&self, py: Python<'_>, from_seq: i64, limit: i64) -> PyResult<Py<PyAny>> {
+        let from_seq = u64::try_from(from_seq).map_err(|_| invalid(py, "from_seq", format!("must be 0 or more, got {from_seq}")))?;
+        let limit = usize::try_from(limit).map_err(|_| invalid(py, "limit", format!("must be 0 or more, got {limit}")))?;
         let events = detach(py, || self.kernel.events(from_seq, limit))?;
         let list: Vec<serde_json::Value> = events.iter().map(wire::event_json).collect();
         serde_json::Value::from(list).to_py(py)

@@ -117,7 +117,12 @@ async fn governed(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
     let stream = endpoint != Endpoint::Embeddings && value.get("stream").and_then(Value::as_bool) == Some(true);
     let mut call = ProviderCall::new(endpoint, value);
     call.passthrough_key = headers.get("x-aex-provider-key").and_then(|v| v.to_str().ok()).map(str::to_string);
-    call.execution_id = headers.get("x-aex-execution-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    // The first attempt's id is known before anything is sent, so even a stream names it.
+    let execution_id = headers
+        .get("x-aex-execution-id")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_string);
+    call.execution_id = Some(execution_id.clone());
     let flight = app.flights.start(call.cancel.clone());
     if !stream {
         let result = app.kernel.call_provider(&token, call).await;
@@ -166,7 +171,11 @@ async fn governed(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
                 Event::Done(Err(failure)) => Bytes::from(format!("data: {}\n\n", ApiError::from(failure).body())),
             })
         });
-    Ok(sse(body).into_response())
+    let mut response = sse(body).into_response();
+    if let Ok(id) = HeaderValue::from_str(&execution_id) {
+        response.headers_mut().insert("x-aex-execution-id", id);
+    }
+    Ok(response)
 }
 
 fn sse<S>(body: S) -> Response

@@ -353,3 +353,47 @@ async fn a_thousand_concurrent_connections_are_held_and_settled() {
     assert_settled(&k, "atlas");
     gw.shutdown().await;
 }
+
+/// A plain call whose client hangs up while the provider works: the request reached the provider,
+/// so it is charged (in full, nothing having been seen), never released.
+#[tokio::test]
+async fn a_plain_call_whose_client_leaves_is_charged_not_released() {
+    let url = slow_provider(Duration::from_secs(30)).await;
+    let k = kernel(&url);
+    let token = agent(&k, "atlas", 1_000_000, |_| {});
+    let gw = start(&k, ServeOptions::default()).await;
+    let body = chat(json!({})).to_string();
+    let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nx-aex-execution-id: leaver\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while k.execution("leaver").map(|e| e.dispatched_at_ms.is_none()).unwrap_or(true) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // the request is with the provider
+    drop(socket);
+    while k.execution("leaver").unwrap().state.is_open() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = k.execution("leaver").unwrap();
+    assert_eq!((e.state, e.cost_micro), (aex_core::ExecutionState::Committed, Some(e.reserved_micro)));
+    assert_settled(&k, "atlas");
+    gw.shutdown().await;
+}
+
+/// A stream names its execution in its headers, like a plain answer.
+#[tokio::test]
+async fn a_stream_names_its_execution() {
+    let (url, _hung_up) = stalling_provider().await;
+    let k = kernel(&url);
+    let token = agent(&k, "atlas", 1_000_000, |_| {});
+    let gw = start(&k, ServeOptions::default()).await;
+    let r = client().post(gw.url("/v1/chat/completions")).bearer_auth(&token).json(&chat(json!({"stream": true}))).send().await.unwrap();
+    let id = r.headers()["x-aex-execution-id"].to_str().unwrap().to_string();
+    assert!(k.execution(&id).is_ok(), "{id}");
+    drop(r);
+    gw.shutdown().await;
+}

@@ -149,6 +149,17 @@ class Kernel:
         execution_id: Optional[str] = None,
     ) -> Admission: ...
     def call(self, execution_id: str) -> Call: ...
+    def admit_body(
+        self,
+        token: str,
+        endpoint: str,
+        body: str,
+        *,
+        execution_id: Optional[str] = None,
+        passthrough: bool = False,
+        input_tokens: Optional[int] = None,
+        vision: Optional[bool] = None,
+    ) -> Admission: ...
     def mark_dispatched(self, execution_id: str) -> None: ...
     def commit_tokens(
         self, execution_id: str, input_tokens: int, output_tokens: int, cached_input_tokens: Optional[int] = None

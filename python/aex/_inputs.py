@@ -6,24 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Optional
 
-_IMAGE_PARTS = {"image_url", "input_image", "image"}
-
-
 def _get(obj: Any, name: str) -> Any:
     if isinstance(obj, Mapping):
         return obj.get(name)
     return getattr(obj, name, None)
-
-
-def _part_text(part: Any) -> tuple[str, bool]:
-    """The text of one content part, and whether it is an image."""
-    if isinstance(part, str):
-        return part, False
-    kind = _get(part, "type")
-    if kind in _IMAGE_PARTS:
-        return "", True
-    text = _get(part, "text")
-    return (text if isinstance(text, str) else ""), False
 
 
 def _invalid(rule: str) -> Exception:
@@ -32,39 +18,39 @@ def _invalid(rule: str) -> Exception:
     return InvalidRequest(f"messages: {rule}", reason="invalid_request", field="messages")
 
 
-def normalize_messages(messages: Any) -> tuple[list[tuple[str, str]], bool]:
-    """(role, text) pairs from OpenAI-style dicts, LangChain messages or (role, text) tuples,
-    and whether any message carries an image."""
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
+
+
+def openai_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI-style message dicts from OpenAI dicts, LangChain message objects or (role, text)
+    pairs — everything each carries that a provider bills as input (content and its parts, tool
+    calls, names, tool call ids). The kernel counts them (and refuses malformed content, naming
+    the field)."""
     if messages is None:
-        return [], False
+        return []
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, (list, tuple)):
         raise _invalid(f"must be a list of messages, got {type(messages).__name__}")
-    out: list[tuple[str, str]] = []
-    has_image = False
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if isinstance(m, (tuple, list)) and len(m) == 2 and isinstance(m[0], str):
-            role, content = m[0], m[1]
-        elif isinstance(m, (str, bytes)) or not (isinstance(m, Mapping) or hasattr(m, "content")):
+            out.append({"role": m[0], "content": m[1]})
+        elif isinstance(m, Mapping):
+            out.append(dict(m))
+        elif isinstance(m, (str, bytes)) or not hasattr(m, "content"):
             raise _invalid(f"item {i} must be a message (a dict, a (role, text) pair or a message object), got {type(m).__name__}")
-        else:
-            role = _get(m, "role") or _get(m, "type") or "user"
-            content = _get(m, "content")
-        if isinstance(content, str):
-            text = content
-        elif content is None:
-            text = ""
-        else:
-            texts = []
-            for part in content:
-                t, image = _part_text(part)
-                texts.append(t)
-                has_image = has_image or image
-            text = "\n".join(t for t in texts if t)
-        tool_calls = _get(m, "tool_calls")
-        if tool_calls:
-            text += str(tool_calls)
-        out.append((str(role), text))
-    return out, has_image
+        else:  # a LangChain message
+            kind = _get(m, "type")
+            role = _get(m, "role") if kind == "chat" else _ROLES.get(str(kind), str(kind or "user"))
+            message: dict[str, Any] = {"role": role, "content": _get(m, "content")}
+            for key in ("tool_calls", "tool_call_id", "name"):
+                value = _get(m, key)
+                if value:
+                    message[key] = value
+            function_call = (_get(m, "additional_kwargs") or {}).get("function_call")
+            if function_call:
+                message["function_call"] = function_call
+            out.append(message)
+    return out
 
 
 def usage_tokens(usage: Any) -> tuple[Any, Any, Any]:

@@ -14,9 +14,18 @@ from types import TracebackType
 from typing import Any, Optional, Union, cast
 
 from . import _aex
-from ._inputs import normalize_messages, usage_tokens
+from ._inputs import openai_messages, usage_tokens
+from .errors import InvalidRequest
 
 __all__ = ["Kernel", "Guard", "default_home", "make_private_dir"]
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for what message objects carry besides plain data (pydantic models, ...)."""
+    for method in ("model_dump", "dict", "to_dict"):
+        if callable(getattr(value, method, None)):
+            return getattr(value, method)()
+    return str(value)
 
 
 def default_home() -> Path:
@@ -66,25 +75,32 @@ class Kernel(_aex.Kernel):
         input_tokens: Optional[int] = None,
         max_output_tokens: Optional[int] = None,
         tools: Any = None,
+        response_format: Any = None,
         stream: bool = False,
         vision: Optional[bool] = None,
         execution_id: Optional[str] = None,
     ) -> _aex.Admission:
         """Admits a call described the way OpenAI / LangChain callers have it: ``messages`` as
-        dicts, message objects or (role, text) pairs (image parts imply ``vision``), ``tools`` as a
-        list (non-empty means tools are used)."""
-        pairs, has_image = normalize_messages(messages)
-        return self.admit(
-            token,
-            model,
-            messages=pairs,
-            input_tokens=input_tokens,
-            max_output_tokens=max_output_tokens,
-            tools=bool(tools),
-            stream=bool(stream),
-            vision=has_image if vision is None else bool(vision),
-            execution_id=execution_id,
-        )
+        dicts, message objects or (role, text) pairs; ``tools`` as the list of tool definitions
+        sent (``True`` when only their presence is known); ``response_format`` as sent. The
+        kernel counts everything the provider bills as input — message content and parts, tool
+        calls in the history, tool definitions, the schema — and notes images (``vision``
+        overrides that)."""
+        body: dict[str, Any] = {"model": model, "messages": openai_messages(messages), "stream": bool(stream)}
+        if max_output_tokens is not None:
+            body["max_tokens"] = max_output_tokens
+        if isinstance(tools, (list, tuple)):
+            if tools:
+                body["tools"] = list(tools)
+        elif tools:
+            body["tools"] = [{"type": "function"}]  # tools are used; their definitions unknown here
+        if response_format is not None:
+            body["response_format"] = response_format
+        try:
+            text = json.dumps(body, default=_json_default)
+        except ValueError as e:
+            raise InvalidRequest(f"messages: cannot be read as JSON ({e})", reason="invalid_request", field="messages") from None
+        return self.admit_body(token, "chat", text, execution_id=execution_id, input_tokens=input_tokens, vision=vision)
 
     def commit(
         self,

@@ -19,6 +19,7 @@ from conftest import assert_clean
 from provider import Provider
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (scripts/test installs it)")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -68,7 +69,10 @@ def browser(tmp_path):
 def wait_for(predicate, what, timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except StaleElementReferenceException:  # the page re-rendered under us: look again
+            value = None
         if value:
             return value
         time.sleep(0.1)
@@ -93,7 +97,7 @@ def test_the_dashboard_follows_spend_denials_and_events_live(gateway, browser):
     http_token = k.create_agent("http-agent", "1.00")
     local_token = k.create_agent("local-agent", "0.001")  # 1,000 micro-USD: one call's reservation is 2,100
     wait_for(lambda: cell(browser, "http-agent", "spent") == "$0.00", "the new agents")
-    assert cell(browser, "local-agent", "budget") == "$0.001"
+    wait_for(lambda: cell(browser, "local-agent", "budget") == "$0.001", "the budget")
 
     with openai.OpenAI(base_url=f"{base}/v1", api_key=http_token, max_retries=0) as client:
         client.chat.completions.create(model="mini", messages=MSGS)
@@ -104,13 +108,10 @@ def test_the_dashboard_follows_spend_denials_and_events_live(gateway, browser):
     spent = k.agent("http-agent")["spent_micro"]
     assert spent > 0
     wait_for(lambda: cell(browser, "http-agent", "spent") == "$" + aex.format_usd(spent), f"http-agent's spend of {spent}")
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '#denials tr[data-reason="budget_exceeded"] td.count'), "the denial")
-    assert browser.find_element(By.CSS_SELECTOR, '#denials tr[data-reason="budget_exceeded"] td.count').text == "1"
-    kinds = wait_for(lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#events td.kind")], "events")
-    assert "execution.committed" in kinds and "admission.denied" in kinds
-    burn = cell(browser, "http-agent", "burn")
-    assert burn == "$" + aex.format_usd(spent), burn
-    assert cell(browser, "http-agent", "reserved") == "$0.00"
+    wait_for(lambda: browser.find_element(By.CSS_SELECTOR, '#denials tr[data-reason="budget_exceeded"] td.count').text == "1", "the denial")
+    wait_for(lambda: {"execution.committed", "admission.denied"} <= {e.text for e in browser.find_elements(By.CSS_SELECTOR, "#events td.kind")}, "the events")
+    wait_for(lambda: cell(browser, "http-agent", "burn") == "$" + aex.format_usd(spent), "the burn rate")
+    wait_for(lambda: cell(browser, "http-agent", "reserved") == "$0.00", "nothing reserved")
     head = k.head()
     wait_for(lambda: browser.find_element(By.ID, "head").text == head, "the ledger head")
 

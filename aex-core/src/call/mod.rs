@@ -11,9 +11,10 @@
 //!    output token seen (content and tool-call arguments); and when nothing was seen (a timeout
 //!    after sending, a 2xx whose body cannot be read, a cancellation before the answer, usage out
 //!    of range) at the full reservation. Both estimates are marked `estimated` in the ledger.
-//!    The reservation is returned only when nothing was sent ([`Call::sent`] never called:
-//!    released) or the provider refused before doing work ([`Ending::Refused`]: a 3xx, 4xx, 429
-//!    or 5xx status, failed).
+//!    The reservation is returned only when nothing was sent ([`Call::sent`] never called, or
+//!    [`Ending::NotSent`]: released) or the provider refused before doing work
+//!    ([`Ending::Refused`]: a 3xx, 4xx, 429 or 5xx status; [`Ending::Failed`] with no output
+//!    seen: failed). A failure after output was seen is charged for that output.
 //! 2. Exactly once: [`Call::end`] consumes the call; a call dropped without ending (a panic, a
 //!    cancelled future, an abandoned iterator) ends as [`Ending::Interrupted`].
 //!
@@ -42,6 +43,9 @@ pub enum Ending {
     /// The call ended in doubt: a stream cut or abandoned, a timeout after sending, an unreadable
     /// answer, a cancellation. Why, for the ledger.
     Interrupted(String),
+    /// aex knows nothing reached the provider after all (the connection could not be made):
+    /// released, whatever was marked sent. Why, for the ledger.
+    NotSent(String),
 }
 
 /// The settlement of a call, and whether aex estimated it.
@@ -202,7 +206,7 @@ impl Call {
         if !self.sent {
             let why = match &ending {
                 Ending::Interrupted(why) | Ending::Failed(why) => why.as_str(),
-                Ending::Refused { .. } | Ending::Completed => "not sent",
+                Ending::Refused { .. } | Ending::Completed | Ending::NotSent(_) => "not sent",
             };
             return Ok(Settled { settlement: k.release(id, why)?, estimated: false });
         }
@@ -210,9 +214,12 @@ impl Call {
         let counted = || Usage::new(self.input_tokens, count_text_tokens(&self.count_model, &self.output).min(MAX_TOKENS));
         let estimate = |u: Usage| Ok(Settled { settlement: k.commit_estimated(id, u)?, estimated: true });
         match (ending, self.usage, self.bad_usage) {
+            (Ending::NotSent(why), _, _) => Ok(Settled { settlement: k.release(id, &why)?, estimated: false }),
             (Ending::Refused { status }, _, _) => {
                 Ok(Settled { settlement: k.fail(id, &format!("provider answered {status}"))?, estimated: false })
             }
+            // A failure after output was seen: the provider did that work, so it is charged.
+            (Ending::Failed(_), None, false) if !self.output.is_empty() => estimate(counted()),
             (Ending::Failed(why), _, _) => Ok(Settled { settlement: k.fail(id, &why)?, estimated: false }),
             (_, _, true) => estimate(full),
             (_, Some(u), false) => Ok(Settled { settlement: k.commit(id, u)?, estimated: false }),

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use super::sse::Lines;
-use super::{CallFailure, Cancel, DispatchOptions, Endpoint, Failure, ProviderCall, ProviderReply, admit_request, passthrough_required};
+use super::{CallFailure, Cancel, DispatchOptions, Endpoint, Failure, ProviderCall, ProviderReply, passthrough_required, request_of};
 use crate::Kernel;
 use crate::call::{Call, Ending, Settled};
 use crate::error::{Error, RateWindow, Result};
@@ -259,7 +259,7 @@ async fn attempt<'c>(
     last: &mut Last,
 ) -> std::result::Result<ProviderReply, Failure> {
     let route = route(kernel, model, call.endpoint, call.passthrough_key.as_deref()).map_err(Failure::Final)?;
-    let request = admit_request(call.endpoint, body, id, call.passthrough_key.is_some()).map_err(Failure::Final)?;
+    let request = request_of(call.endpoint, body, Some(id), call.passthrough_key.is_some(), &kernel.config()).map_err(Failure::Final)?;
     let admission = kernel.admit_dispatched(token, &request).map_err(Failure::Final)?;
     if admission.replayed {
         // The same execution id was admitted before: it was sent then, and is never sent twice.
@@ -296,18 +296,17 @@ async fn attempt<'c>(
     }
     let cancel = &call.cancel;
     let sent_at = std::time::Instant::now();
+    // From here the request may be on its way: if this attempt is dropped (its caller went
+    // away), the call settles charged. Only a connection that could not be made says otherwise.
+    governed.sent();
     let response = match wait(cancel, timeout, req.send()).await {
-        Wait::Done(Ok(r)) => {
-            governed.sent();
-            r
-        }
+        Wait::Done(Ok(r)) => r,
         Wait::Done(Err(e)) if e.is_connect() => {
             // Nothing was written: the reservation returns, and another try costs nothing.
-            let _ = last.end(governed, Ending::Interrupted("cannot connect".into()));
+            let _ = last.end(governed, Ending::NotSent("cannot connect".into()));
             return Err(Failure::Retryable(format!("{model}: cannot reach the provider ({})", e.without_url())));
         }
         Wait::Done(Err(e)) => {
-            governed.sent();
             let why = if e.is_timeout() {
                 format!("no answer within {} ms", timeout.as_millis())
             } else {
@@ -316,12 +315,10 @@ async fn attempt<'c>(
             return Err(charged(model, &why, last.end(governed, Ending::Interrupted(why.clone()))));
         }
         Wait::TimedOut => {
-            governed.sent();
             let why = format!("no answer within {} ms", timeout.as_millis());
             return Err(charged(model, &why, last.end(governed, Ending::Interrupted(why.clone()))));
         }
         Wait::Cancelled => {
-            governed.sent();
             let why = "cancelled by the caller while waiting for the answer".to_string();
             return Err(charged(model, &why, last.end(governed, Ending::Interrupted(why.clone()))));
         }
@@ -352,7 +349,8 @@ async fn attempt<'c>(
     let Some(on_chunk) = on_chunk else {
         let why = match wait(cancel, timeout, response.bytes()).await {
             Wait::Done(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
-                Ok(value) => return complete(governed, last, model, embeddings, value, &bytes, sent_at.elapsed()),
+                Ok(value) if is_answer(&value) => return complete(governed, last, model, embeddings, value, &bytes, sent_at.elapsed()),
+                Ok(_) => format!("its answer ({status}) is an error object, not a completion"),
                 Err(_) => format!("its answer ({status}) is not JSON"),
             },
             Wait::Done(Err(e)) => format!("its answer was cut ({})", e.without_url()),
@@ -449,4 +447,11 @@ fn complete(
         estimated: settled.estimated,
         provider_time,
     })
+}
+
+/// Whether a 2xx body is an answer: an object that is not an error object (one with an `error`
+/// and no choices, output items or embeddings).
+fn is_answer(v: &Value) -> bool {
+    let error = v.get("error").is_some_and(|e| !e.is_null());
+    v.is_object() && (!error || ["choices", "output", "data"].iter().any(|k| v.get(*k).is_some_and(Value::is_array)))
 }

@@ -228,58 +228,85 @@ pub(crate) enum Failure {
     Retryable(String),
 }
 
-/// The admission request a body describes.
-pub(crate) fn admit_request(endpoint: Endpoint, body: &Value, execution_id: &str, passthrough: bool) -> Result<AdmitRequest> {
+/// The admission request an OpenAI-style request body describes, with everything the provider
+/// bills as input counted: message text and content parts, every other field of a message
+/// (tool calls and their arguments, names, tool call ids), tool and function definitions, a
+/// `response_format` or Responses `text` schema, Responses input items of every kind
+/// (`function_call_output`, ...), and embeddings given as token arrays (each token counted).
+/// `config` names the tokenizer for token arrays.
+///
+/// # Errors
+/// [`Error::InvalidRequest`] naming the field: no `model`; `messages` not a list of objects, or
+/// a `content` that is neither text nor a list of parts; `stream` not a boolean; an output cap
+/// not an integer; `n` / `best_of` above 1 (several completions would exceed the
+/// reservation); and input aex cannot count because the provider stores it
+/// (`previous_response_id`, `conversation`, a stored `prompt`).
+pub fn request_of(endpoint: Endpoint, body: &Value, execution_id: Option<&str>, passthrough: bool, config: &crate::Config) -> Result<AdmitRequest> {
     let model = body.get("model").and_then(Value::as_str).ok_or_else(|| Error::invalid("model", "the request must name its model"))?;
-    let mut messages = Vec::new();
-    let mut vision = false;
-    let mut push = |role: &str, content: &Value| match content {
-        Value::String(text) => messages.push(Message::new(role, text.clone())),
-        Value::Array(parts) => {
-            let mut text = String::new();
-            for part in parts {
-                match part.get("type").and_then(Value::as_str) {
-                    Some("image_url" | "input_image" | "image") => vision = true,
-                    _ => {
-                        if let Some(t) = part.get("text").and_then(Value::as_str).or_else(|| part.as_str()) {
-                            text.push_str(t);
-                        }
-                    }
-                }
-            }
-            messages.push(Message::new(role, text));
-        }
-        _ => {}
-    };
+    if !body.is_object() {
+        return Err(Error::invalid("body", "must be a JSON object"));
+    }
+    let mut input = Input::default();
     let max_key = match endpoint {
         Endpoint::ChatCompletions => {
-            for m in body.get("messages").and_then(Value::as_array).into_iter().flatten() {
-                let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-                push(role, m.get("content").unwrap_or(&Value::Null));
+            let messages = match body.get("messages") {
+                None | Some(Value::Null) => &[][..],
+                Some(Value::Array(items)) => items.as_slice(),
+                Some(other) => return Err(Error::invalid("messages", format!("must be a list of messages, got {}", kind(other)))),
+            };
+            for (i, m) in messages.iter().enumerate() {
+                input.message(m, &format!("messages[{i}]"))?;
+            }
+            for key in ["tools", "functions", "response_format"] {
+                input.json(key, body.get(key));
             }
             if body.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" }
         }
         Endpoint::Responses => {
-            if let Some(i) = body.get("instructions") {
-                push("system", i);
+            for stored in ["previous_response_id", "conversation", "prompt"] {
+                if body.get(stored).is_some_and(|v| !v.is_null()) {
+                    return Err(Error::invalid(
+                        stored,
+                        "carries input stored at the provider, which aex cannot count before the call: send the input itself",
+                    ));
+                }
+            }
+            if let Some(i) = body.get("instructions").filter(|v| !v.is_null()) {
+                input.content("system", i, "instructions")?;
             }
             match body.get("input") {
                 Some(Value::Array(items)) => {
-                    for m in items {
-                        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-                        push(role, m.get("content").unwrap_or(m));
+                    for (i, item) in items.iter().enumerate() {
+                        if item.get("role").is_some() {
+                            input.message(item, &format!("input[{i}]"))?;
+                        } else {
+                            input.json("input", Some(item)); // function_call_output and other items
+                        }
                     }
                 }
-                Some(other) => push("user", other),
-                None => {}
+                Some(Value::Null) | None => {}
+                Some(other) => input.content("user", other, "input")?,
+            }
+            for key in ["tools", "text"] {
+                input.json(key, body.get(key));
             }
             "max_output_tokens"
         }
         Endpoint::Embeddings => {
             match body.get("input") {
-                Some(Value::Array(items)) => items.iter().for_each(|i| push("user", i)),
-                Some(other) => push("user", other),
-                None => {}
+                Some(Value::String(s)) => input.text("user", s.clone()),
+                Some(Value::Array(items)) => {
+                    for item in items {
+                        match item {
+                            Value::String(s) => input.text("user", s.clone()),
+                            Value::Number(_) => input.raw_tokens += 1,
+                            Value::Array(tokens) => input.raw_tokens += tokens.len() as i64,
+                            other => return Err(Error::invalid("input", format!("must be text, tokens, or a list of them, got {}", kind(other)))),
+                        }
+                    }
+                }
+                Some(Value::Null) | None => {}
+                Some(other) => return Err(Error::invalid("input", format!("must be text, tokens, or a list of them, got {}", kind(other)))),
             }
             ""
         }
@@ -304,18 +331,99 @@ pub(crate) fn admit_request(endpoint: Endpoint, body: &Value, execution_id: &str
             }
         }
     }
-    let tools = body.get("tools").or_else(|| body.get("functions")).and_then(Value::as_array).is_some_and(|t| !t.is_empty());
+    let streaming = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(Error::invalid("stream", format!("must be true or false, got {other}"))),
+    };
+    let tools = ["tools", "functions"].iter().any(|k| body.get(*k).and_then(Value::as_array).is_some_and(|t| !t.is_empty()));
+    let input_tokens = (input.raw_tokens > 0).then(|| {
+        let count_model = config.model(model).map_or(model, |spec| spec.upstream_name(model));
+        crate::admission::estimate_input_tokens(count_model, &input.messages).saturating_add(input.raw_tokens)
+    });
     Ok(AdmitRequest {
-        execution_id: Some(execution_id.to_string()),
+        execution_id: execution_id.map(str::to_string),
         model: model.to_string(),
-        input_tokens: None,
+        input_tokens,
         max_output_tokens,
-        messages,
+        messages: input.messages,
         tools,
-        streaming: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        vision,
+        streaming,
+        vision: input.vision,
         passthrough,
     })
+}
+
+/// The name of a JSON value's kind, for errors.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "text",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The input of a request, as text to count, and whether it carries images.
+#[derive(Default)]
+struct Input {
+    messages: Vec<Message>,
+    raw_tokens: i64,
+    vision: bool,
+}
+
+impl Input {
+    fn text(&mut self, role: &str, text: String) {
+        self.messages.push(Message::new(role, text));
+    }
+
+    /// A field sent as JSON (tool definitions, schemas, input items): counted as its JSON text.
+    fn json(&mut self, label: &str, v: Option<&Value>) {
+        if let Some(v) = v.filter(|v| !v.is_null()) {
+            self.text(label, v.to_string());
+        }
+    }
+
+    /// A message content: text, or a list of parts (text parts counted, images noted).
+    fn content(&mut self, role: &str, content: &Value, field: &str) -> Result<()> {
+        match content {
+            Value::Null => self.text(role, String::new()),
+            Value::String(text) => self.text(role, text.clone()),
+            Value::Array(parts) => {
+                let mut text = String::new();
+                for part in parts {
+                    match part.get("type").and_then(Value::as_str) {
+                        Some("image_url" | "input_image" | "image") => self.vision = true,
+                        _ => match part.get("text").and_then(Value::as_str).or_else(|| part.as_str()) {
+                            Some(t) => text.push_str(t),
+                            // Another kind of part (audio, a file): counted as its JSON.
+                            None => text.push_str(&part.to_string()),
+                        },
+                    }
+                }
+                self.text(role, text);
+            }
+            other => return Err(Error::invalid(field, format!("must be text or a list of content parts, got {}", kind(other)))),
+        }
+        Ok(())
+    }
+
+    /// One message: its content, and every other field but its role counted as JSON.
+    fn message(&mut self, m: &Value, field: &str) -> Result<()> {
+        let Some(fields) = m.as_object() else {
+            return Err(Error::invalid(field, format!("must be a message object, got {}", kind(m))));
+        };
+        let role = fields.get("role").and_then(Value::as_str).unwrap_or("user");
+        self.content(role, fields.get("content").unwrap_or(&Value::Null), &format!("{field}.content"))?;
+        for (key, value) in fields {
+            if key != "role" && key != "content" && !value.is_null() {
+                self.text(role, value.to_string());
+            }
+        }
+        Ok(())
+    }
 }
 
 // A failure carries what it cost; it is the cold path, so its size does not matter.

@@ -84,7 +84,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from .. import _aex
 from .._kernel import Kernel
-from ..errors import AexError
+from ..errors import AexError, InvalidRequest
 
 __all__ = ["AexCallbackHandler", "AsyncAexCallbackHandler"]
 
@@ -330,15 +330,30 @@ class _Governor:
             max_tokens = params.get("max_tokens") or params.get("max_completion_tokens") or (metadata or {}).get("ls_max_tokens")
             stream = bool(params.get("stream") or params.get("streaming"))
             self._maybe_warn(serialized, params, stream)
+            for multiplier in ("n", "best_of"):
+                if params.get(multiplier) not in (None, 1):
+                    raise InvalidRequest(
+                        f"{multiplier}: must be 1 (got {params[multiplier]!r}): aex reserves for one completion per call",
+                        reason="invalid_request", field=multiplier,
+                    )
             admission = self.kernel.admit_call(
                 self._token,
                 model,
                 messages=messages,
                 max_output_tokens=max_tokens or self._max_output_tokens,
                 tools=params.get("tools") or params.get("functions"),
+                response_format=params.get("response_format"),
                 stream=stream,
                 execution_id=str(run_id),
             )
+            if isinstance(max_tokens, int) and max_tokens > admission.max_output_tokens and not admission.replayed:
+                # The handler cannot change what the model sends: asking for more output than
+                # was reserved is refused, never sent.
+                _quietly(self.kernel.release, admission.execution_id, "not sent: max_tokens above the reservation")
+                raise InvalidRequest(
+                    f"max_tokens: {max_tokens} is above the {admission.max_output_tokens} output tokens aex reserves for "
+                    f"'{model}' (its max_output_tokens): lower it", reason="invalid_request", field="max_tokens",
+                )
         except BaseException as e:
             if batch is not None:
                 self._abort(batch, e)

@@ -191,35 +191,23 @@ def _admit(kernel: Kernel, token: str, kind: str, body: dict[str, Any]) -> _aex.
     model = body.get("model")
     if not isinstance(model, str):
         raise _invalid("model", "the request must name its model")
-    if kind == "embeddings":
-        inputs = body.get("input")
-        texts = [inputs] if isinstance(inputs, str) else [t for t in (inputs or []) if isinstance(t, str)]
-        return kernel.admit_call(token, model, messages=[("user", t) for t in texts], max_output_tokens=1)
-    input_tokens: Optional[int] = None
-    if kind == "responses":
-        if body.get("background"):
-            raise _invalid("background", "a background response is answered after aex could settle it: send it without background")
-        given = body.get("input")
-        messages: Any = [("user", given)] if isinstance(given, str) else given
-        if body.get("instructions"):
-            messages = [("system", body["instructions"])] + list(messages or [])
-        limit_key = "max_output_tokens"
-    elif kind == "completions":
+    if kind == "responses" and body.get("background"):
+        raise _invalid("background", "a background response is answered after aex could settle it: send it without background")
+    if kind == "completions":
         messages, input_tokens = _prompt(body.get("prompt"))
         limit_key = "max_tokens"
+        admission = kernel.admit_call(
+            token, model, messages=messages, input_tokens=input_tokens, max_output_tokens=body.get(limit_key), stream=bool(body.get("stream"))
+        )
     else:
-        messages = body.get("messages")
-        limit_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        # The kernel reads the body as sent and counts everything billed as input (tool
+        # definitions, schemas, tool calls, input items, token arrays).
+        endpoint = {"chat": "chat", "responses": "responses", "embeddings": "embeddings"}[kind]
+        admission = kernel.admit_body(token, endpoint, json.dumps(body, default=str))
+        if kind == "embeddings":
+            return admission
+        limit_key = "max_output_tokens" if kind == "responses" else ("max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
     stream = bool(body.get("stream"))
-    admission = kernel.admit_call(
-        token,
-        model,
-        messages=messages,
-        input_tokens=input_tokens,
-        max_output_tokens=body.get(limit_key),
-        tools=body.get("tools") or body.get("functions"),
-        stream=stream,
-    )
     # The cap sent is the reservation's, whatever the caller asked (more, None, or nothing).
     cap_keys: list[str] = [k for k in ("max_tokens", "max_completion_tokens") if k in body] if kind == "chat" else []
     for key in cap_keys or [limit_key]:
