@@ -397,3 +397,30 @@ async fn a_stream_names_its_execution() {
     drop(r);
     gw.shutdown().await;
 }
+
+/// An agent's own provider key (`x-aex-provider-key`) reaches its model's provider and nothing
+/// else — not the ledger, not an error — and only agents allowed passthrough may send one.
+#[tokio::test]
+async fn a_passthrough_key_goes_to_the_provider_only_and_only_when_allowed() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(reply())).mount(&provider).await;
+    let k = kernel(&provider.uri());
+    let own = agent(&k, "own", 1_000_000, |s| s.allow_passthrough = true);
+    let plain = agent(&k, "plain", 1_000_000, |_| {});
+    let gw = start(&k, ServeOptions::default()).await;
+    let c = client();
+    let key = "sk-agent-own-key-s3cret";
+    let r = c.post(gw.url("/v1/chat/completions")).bearer_auth(&own).header("x-aex-provider-key", key).json(&chat(json!({}))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let sent = &provider.received_requests().await.unwrap()[0];
+    assert_eq!(sent.headers.get("authorization").unwrap(), &format!("Bearer {key}"));
+    let r = c.post(gw.url("/v1/chat/completions")).bearer_auth(&plain).header("x-aex-provider-key", key).json(&chat(json!({}))).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("passthrough") && !body.contains(key), "{body}");
+    assert_eq!(provider.received_requests().await.unwrap().len(), 1, "the refused one was not sent");
+    let ledger: String = k.events(1, 1_000).unwrap().iter().map(|e| e.data.clone()).collect();
+    assert!(!ledger.contains(key));
+    assert_settled(&k, "own");
+    gw.shutdown().await;
+}
