@@ -629,6 +629,7 @@ impl Kernel_ {
             ..aex_serve::ServeOptions::default()
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(aex_serve::WORKER_THREADS)
             .thread_name("aex-serve")
             .enable_all()
             .build()

@@ -52,6 +52,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 
+/// How many worker threads a gateway's runtime should have. The kernel's store calls block
+/// their thread (a write transaction, briefly), so the gateway needs more workers than cores for
+/// concurrent requests to reach the store together — where group commit batches them into one
+/// transaction — instead of queueing behind a blocked worker.
+pub const WORKER_THREADS: usize = 16;
+
 /// How the gateway listens and protects itself.
 #[derive(Clone)]
 pub struct ServeOptions {

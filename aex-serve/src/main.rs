@@ -53,7 +53,7 @@ fn run(args: Args) -> aex_core::Result<()> {
     }
     let kernel = Kernel::open(&args.db, options)?;
     let serve = ServeOptions { addr: SocketAddr::new(args.host, args.port), admin_token, config_path: args.config, ..ServeOptions::default() };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| aex_core::Error::Unavailable(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(aex_serve::WORKER_THREADS).enable_all().build().map_err(|e| aex_core::Error::Unavailable(e.to_string()))?;
     runtime.block_on(async {
         let gateway = Gateway::bind(kernel, serve).await?;
         println!("aex-serve listening on http://{}/v1", gateway.local_addr()?);

@@ -340,7 +340,7 @@ async fn load(url: &str, token: &str, body: &Value, clients: usize, calls: usize
 /// A chat call through `aex serve` (its own runtime, two workers, durability `normal`) against
 /// the same call straight to the provider, at 1 and 64 concurrent clients.
 fn gateway_rows() {
-    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(aex_serve::WORKER_THREADS).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (provider, gateway, token) = server_rt.block_on(async {
         let provider = instant_provider().await;
