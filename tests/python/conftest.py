@@ -20,6 +20,16 @@ def db(tmp_path):
 
 
 @pytest.fixture
+def provider():
+    """A loopback OpenAI-compatible provider (tests/python/provider.py), stopped after the test."""
+    from provider import Provider
+
+    p = Provider()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
 def kernel(db):
     return aex.Kernel(db, config_yaml=MODELS, durability="normal", manual_clock_ms=T0)
 

@@ -12,18 +12,10 @@ import aex
 from aex.integrations.langchain import AexCallbackHandler
 from aex.integrations.openai import guard as guard_client
 from conftest import assert_clean
-from provider import Provider
 
 BIG = "lorem ipsum " * 10_000  # about 20,000 tokens
 TOOL = {"type": "function", "function": {"name": "search", "description": BIG, "parameters": {"type": "object"}}}
 HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def provider():
-    p = Provider()
-    yield p
-    p.stop()
 
 
 @pytest.fixture

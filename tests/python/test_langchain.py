@@ -578,15 +578,6 @@ class LoopbackChat(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=AIMessage(reply.choices[0].message.content or "", usage_metadata=usage))])
 
 
-@pytest.fixture
-def provider():
-    from provider import Provider
-
-    p = Provider()
-    yield p
-    p.stop()
-
-
 def closed_port_url() -> str:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

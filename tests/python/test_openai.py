@@ -23,13 +23,6 @@ MSGS = [{"role": "user", "content": "hello world"}]
 
 
 @pytest.fixture
-def provider():
-    p = Provider()
-    yield p
-    p.stop()
-
-
-@pytest.fixture
 def setup(tmp_path, provider):
     kernel = aex.Kernel(str(tmp_path / "aex.db"), config_yaml=MODELS, durability="normal", manual_clock_ms=T0)
     token = kernel.create_agent("atlas", "1.00")

@@ -19,16 +19,8 @@ import pytest
 
 import aex
 from conftest import assert_clean
-from provider import Provider
 
 MSGS = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-def provider():
-    p = Provider()
-    yield p
-    p.stop()
 
 
 @pytest.fixture
