@@ -7,7 +7,6 @@ import pytest
 
 import aex
 from conftest import T0, assert_clean
-from provider import Provider
 
 openai = pytest.importorskip("openai", reason="the openai package is the [openai] extra")
 from aex.integrations.openai import guard  # noqa: E402
