@@ -202,7 +202,7 @@ pub(super) async fn run<'c>(
             attempts += 1;
             let mut body = call.body.clone();
             body["model"] = Value::String(candidate.clone());
-            match attempt(kernel, token, &call, &body, candidate, &id, on_chunk.as_deref_mut(), &mut tried).await {
+            match attempt(kernel, token, &call, body, candidate, &id, on_chunk.as_deref_mut(), &mut tried).await {
                 Ok(mut reply) => {
                     reply.attempts = attempts;
                     return Ok(reply);
@@ -252,14 +252,14 @@ async fn attempt<'c>(
     kernel: &Kernel,
     token: &str,
     call: &ProviderCall,
-    body: &Value,
+    mut body: Value,
     model: &str,
     id: &str,
     on_chunk: Option<&mut (dyn FnMut(&str) -> bool + Send + 'c)>,
     last: &mut Last,
 ) -> std::result::Result<ProviderReply, Failure> {
     let route = route(kernel, model, call.endpoint, call.passthrough_key.as_deref()).map_err(Failure::Final)?;
-    let request = request_of(call.endpoint, body, Some(id), call.passthrough_key.is_some(), &kernel.config()).map_err(Failure::Final)?;
+    let request = request_of(call.endpoint, &body, Some(id), call.passthrough_key.is_some(), &kernel.config()).map_err(Failure::Final)?;
     let admission = kernel.admit_dispatched(token, &request).map_err(Failure::Final)?;
     if admission.replayed {
         // The same execution id was admitted before: it was sent then, and is never sent twice.
@@ -275,7 +275,6 @@ async fn attempt<'c>(
     let stream = on_chunk.is_some();
     let embeddings = call.endpoint == Endpoint::Embeddings;
 
-    let mut body = body.clone();
     body["model"] = Value::String(route.upstream_model.clone());
     cap_output(call.endpoint, &mut body, admission.max_output_tokens);
     if stream {
