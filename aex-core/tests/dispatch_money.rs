@@ -588,3 +588,19 @@ async fn a_2xx_error_object_is_charged_in_full_and_reported() {
     assert_eq!(a.received_requests().await.unwrap().len(), 1);
     assert_clean(&k);
 }
+
+/// A provider refusing the key (401, 403) is the operator's problem, not the request's: 503
+/// saying so, the reservation returned, not retried.
+#[tokio::test]
+async fn a_refused_key_is_unavailable_not_a_bad_request() {
+    let (a, b) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": {"message": "bad key"}}))).mount(&a).await;
+    let k = kernel(&a.uri(), &b.uri(), Duration::from_secs(5), "");
+    let t = token(&k, false);
+    let failure = k.call_provider(&t, chat(json!({}))).await.unwrap_err();
+    assert_eq!(failure.error.status(), 503, "{}", failure.error);
+    assert!(failure.error.to_string().contains("refused the key"), "{}", failure.error);
+    assert_eq!(failure.settlement.map(|s| (s.state, s.cost_micro)), Some((aex_core::ExecutionState::Failed, 0)));
+    assert_eq!(a.received_requests().await.unwrap().len(), 1);
+    assert_clean(&k);
+}

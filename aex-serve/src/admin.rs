@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 
 use crate::App;
 use crate::errors::ApiError;
-use crate::proxy::bearer;
+use crate::proxy::{bearer, bearer_token};
 
 pub(crate) async fn health(State(app): State<Arc<App>>) -> Response {
     match app.kernel.head() {
@@ -49,9 +49,27 @@ pub(crate) async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> R
 
 /// Checks the admin token, when the gateway has one (it must, unless it listens on loopback): as
 /// `Authorization: Bearer <token>`, or the dashboard's `aex_admin` cookie.
+///
+/// Without an admin token (loopback only), a request must name a loopback host and come from no
+/// other web origin: a page elsewhere cannot read the ledger or reload the config through the
+/// operator's browser (DNS rebinding, cross-site requests).
 pub(crate) fn admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &app.options.admin_token else { return Ok(()) };
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let Some(expected) = &app.options.admin_token else {
+        let loopback = |v: Option<&str>| {
+            let Some(v) = v else { return true };
+            let authority = v.split_once("://").map_or(v, |(_, rest)| rest);
+            let host = authority.rsplit_once(':').filter(|(h, p)| !h.is_empty() && p.chars().all(|c| c.is_ascii_digit())).map_or(authority, |(h, _)| h);
+            matches!(host.trim_matches(['[', ']']), "127.0.0.1" | "localhost" | "::1")
+        };
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        return if host.is_some() && loopback(host) && loopback(origin) {
+            Ok(())
+        } else {
+            Err(ApiError::new(StatusCode::FORBIDDEN, "loopback_only", "without an admin token, admin endpoints answer only loopback hosts and origins"))
+        };
+    };
+    let bearer = bearer_token(headers);
     let cookie = || {
         headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| c.trim().strip_prefix("aex_admin="))
     };

@@ -6,8 +6,8 @@
 //!
 //! The data is read from the store, so it covers every agent sharing the database (in-process
 //! Python and C agents too), not only the gateway's. The audit walks the whole ledger, so it is
-//! re-run only when the ledger has grown, at most every [`AUDIT_EVERY`] (the page shows the head
-//! it verified); everything else is read at each poll.
+//! re-run when the ledger has grown (at most every [`AUDIT_EVERY`]) and otherwise every
+//! [`AUDIT_MAX_AGE`] (the page shows the head it verified); everything else is read at each poll.
 //!
 //! With an admin token, `/dashboard?token=…` checks it once and sets an `HttpOnly`,
 //! `SameSite=Strict` cookie, so the page and its polls carry it.
@@ -28,6 +28,8 @@ use crate::errors::ApiError;
 
 /// The audit is re-run when the ledger has grown, at most this often.
 pub const AUDIT_EVERY: Duration = Duration::from_secs(2);
+/// ... and at least this often, so an edit that adds no ledger event shows within it.
+pub const AUDIT_MAX_AGE: Duration = Duration::from_secs(10);
 /// The window burn rates are measured over.
 const BURN_WINDOW_MS: i64 = 3_600_000;
 /// How many of the latest events the page lists, and how far back denials are counted.
@@ -94,7 +96,9 @@ pub(crate) async fn data(State(app): State<Arc<App>>, headers: HeaderMap) -> Res
     let audit = {
         let mut cache = app.audit.0.lock();
         match cache.as_ref() {
-            Some((at, seen, report)) if *seen == head_text || at.elapsed() < AUDIT_EVERY => report.clone(),
+            // Fresh enough: checked within AUDIT_EVERY, or the ledger has not grown and it was
+            // checked within AUDIT_MAX_AGE (an edit that adds no event is found within that).
+            Some((at, seen, report)) if at.elapsed() < AUDIT_EVERY || (*seen == head_text && at.elapsed() < AUDIT_MAX_AGE) => report.clone(),
             _ => {
                 let report = aex_core::wire::audit_json(&k.audit(None)?);
                 *cache = Some((Instant::now(), head_text.clone(), report.clone()));

@@ -20,7 +20,8 @@
 //! has one; binding an address that is not loopback without one is refused at start
 //! ([`Gateway::bind`]).
 //!
-//! **Reliability.** Request bodies are limited ([`ServeOptions::max_body_bytes`], 413); a client
+//! **Reliability.** Binding raises the process's soft limit of open files to its hard limit
+//! (idle connections must not exhaust descriptors). Request bodies are limited ([`ServeOptions::max_body_bytes`], 413); a client
 //! must send its headers within [`ServeOptions::header_timeout`] and its body within
 //! [`ServeOptions::idle_timeout`] (408), so a slow client cannot hold a worker. A client that
 //! disconnects mid-call has its call cancelled and settled by the money rules (nothing is left
@@ -167,7 +168,9 @@ impl Gateway {
     /// cannot be bound.
     pub async fn bind(kernel: Kernel, options: ServeOptions) -> Result<Gateway> {
         match &options.admin_token {
-            Some(t) if t.is_empty() => return Err(Error::invalid("admin_token", "must not be empty")),
+            Some(t) if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',') => {
+                return Err(Error::invalid("admin_token", "must be visible ASCII without spaces, ';' or ','"));
+            }
             None if !options.addr.ip().is_loopback() => {
                 return Err(Error::invalid(
                     "admin_token",
@@ -176,6 +179,7 @@ impl Gateway {
             }
             _ => {}
         }
+        raise_open_files_limit();
         let listener = tokio::net::TcpListener::bind(options.addr).await.map_err(|e| Error::Unavailable(format!("cannot listen on {}: {e}", options.addr)))?;
         Ok(Gateway { listener, app: Arc::new(App { kernel, options, flights: Arc::default(), metrics: metrics::Metrics::default(), audit: dashboard::AuditCache::default() }) })
     }
@@ -238,6 +242,20 @@ impl Gateway {
     }
 }
 
+/// Raises this process's soft limit of open files to its hard limit: each connection is a
+/// descriptor (two for a call in flight), and the common soft default of 1,024 would let idle
+/// connections lock every client out until the header timeout. Best effort.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn router(app: Arc<App>) -> Router {
     let governed = Router::new()
         .route("/chat/completions", post(proxy::chat))
@@ -254,5 +272,15 @@ fn router(app: Arc<App>) -> Router {
         .route("/admin/reload_config", post(admin::reload_config))
         .route("/admin/activity", get(admin::activity))
         .route("/admin/replay", get(admin::replay))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
+}
+
+async fn not_found(uri: axum::http::Uri) -> errors::ApiError {
+    errors::ApiError::new(axum::http::StatusCode::NOT_FOUND, "not_found", format!("no endpoint at {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> errors::ApiError {
+    errors::ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {}", uri.path()))
 }

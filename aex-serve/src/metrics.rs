@@ -47,9 +47,6 @@ pub(crate) struct Metrics {
     settlements: Family<StateLabels, Counter>,
     provider_latency: Histogram,
     overhead: Histogram,
-    budget: Family<AgentLabels, Gauge>,
-    spent: Family<AgentLabels, Gauge>,
-    reserved: Family<AgentLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -61,9 +58,6 @@ impl Default for Metrics {
             settlements: Family::default(),
             provider_latency: buckets(),
             overhead: buckets(),
-            budget: Family::default(),
-            spent: Family::default(),
-            reserved: Family::default(),
         }
     }
 }
@@ -95,21 +89,21 @@ impl Metrics {
 
     /// The text exposition, with the per-agent gauges and store counters read now.
     pub(crate) fn render(&self, kernel: &Kernel) -> aex_core::Result<String> {
+        // Each scrape reads the agents into families of its own: concurrent scrapes never see
+        // each other's half-filled gauges.
         let agents = kernel.list_agents()?;
-        for family in [&self.budget, &self.spent, &self.reserved] {
-            family.clear();
-        }
+        let (budget, spent, reserved) = (Family::<AgentLabels, Gauge>::default(), Family::<AgentLabels, Gauge>::default(), Family::<AgentLabels, Gauge>::default());
         for a in &agents {
             let labels = AgentLabels { agent: a.name.clone() };
-            self.budget.get_or_create(&labels).set(a.budget_micro);
-            self.spent.get_or_create(&labels).set(a.spent_micro);
-            self.reserved.get_or_create(&labels).set(a.reserved_micro);
+            budget.get_or_create(&labels).set(a.budget_micro);
+            spent.get_or_create(&labels).set(a.spent_micro);
+            reserved.get_or_create(&labels).set(a.reserved_micro);
         }
         let stats = kernel.write_stats();
         let mut registry = Registry::with_prefix("aex");
-        registry.register("agent_budget_micro", "Each agent's budget, micro-USD", self.budget.clone());
-        registry.register("agent_spent_micro", "What each agent has spent, micro-USD", self.spent.clone());
-        registry.register("agent_reserved_micro", "What each agent holds reserved for calls in flight, micro-USD", self.reserved.clone());
+        registry.register("agent_budget_micro", "Each agent's budget, micro-USD", budget);
+        registry.register("agent_spent_micro", "What each agent has spent, micro-USD", spent);
+        registry.register("agent_reserved_micro", "What each agent holds reserved for calls in flight, micro-USD", reserved);
         registry.register("requests", "Requests the gateway answered, by endpoint, status and reason", self.requests.clone());
         registry.register("settlements", "How the gateway's calls settled", self.settlements.clone());
         registry.register("provider_latency_seconds", "Time waiting on the provider per call", self.provider_latency.clone());

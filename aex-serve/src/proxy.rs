@@ -23,10 +23,27 @@ use crate::errors::ApiError;
 
 /// The agent token from `Authorization: Bearer …`.
 pub(crate) fn bearer(headers: &HeaderMap) -> Result<String, ApiError> {
-    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
-    match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim().to_string()),
-        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", "send the agent token as 'Authorization: Bearer <token>'")),
+    bearer_token(headers).map(str::to_string).ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", "send the agent token as 'Authorization: Bearer <token>'"))
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme in any case, spaces trimmed).
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// A header the request may carry, as text: absent is `None`; present but not visible ASCII is
+/// refused naming `field` — never silently dropped (a dropped execution id would let the same
+/// call be sent twice; a dropped provider key would send the host's).
+fn text_header(headers: &HeaderMap, name: &str, field: &str) -> Result<Option<String>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(text) => Ok(Some(text.to_string())),
+            Err(_) => Err(ApiError::invalid(field, format!("the {name} header must be visible ASCII text"))),
+        },
     }
 }
 
@@ -116,12 +133,9 @@ async fn governed(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
     }
     let stream = endpoint != Endpoint::Embeddings && value.get("stream").and_then(Value::as_bool) == Some(true);
     let mut call = ProviderCall::new(endpoint, value);
-    call.passthrough_key = headers.get("x-aex-provider-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    call.passthrough_key = text_header(&headers, "x-aex-provider-key", "provider_key")?;
     // The first attempt's id is known before anything is sent, so even a stream names it.
-    let execution_id = headers
-        .get("x-aex-execution-id")
-        .and_then(|v| v.to_str().ok())
-        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_string);
+    let execution_id = text_header(&headers, "x-aex-execution-id", "execution_id")?.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     call.execution_id = Some(execution_id.clone());
     let flight = app.flights.start(call.cancel.clone());
     if !stream {

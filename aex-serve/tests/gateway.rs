@@ -269,6 +269,10 @@ async fn admin_endpoints_need_the_admin_token_and_beyond_loopback_one_is_require
     let k = kernel("http://127.0.0.1:9");
     let refused = Gateway::bind(k.clone(), ServeOptions { addr: "0.0.0.0:0".parse().unwrap(), ..ServeOptions::default() }).await;
     assert!(matches!(refused, Err(aex_core::Error::InvalidRequest { ref field, .. }) if field == "admin_token"));
+    for bad in ["", "a;b", "two words"] {
+        let refused = Gateway::bind(k.clone(), ServeOptions { admin_token: Some(bad.into()), ..ServeOptions::default() }).await;
+        assert!(matches!(refused, Err(aex_core::Error::InvalidRequest { ref field, .. }) if field == "admin_token"), "{bad:?}");
+    }
     let options = ServeOptions { admin_token: Some("s3cret-admin".into()), ..ServeOptions::default() };
     assert!(!format!("{options:?}").contains("s3cret"), "the admin token never reaches Debug output");
     let gw = start(&k, options).await;
@@ -279,6 +283,8 @@ async fn admin_endpoints_need_the_admin_token_and_beyond_loopback_one_is_require
         let r = c.get(gw.url(path)).bearer_auth("s3cret-admin").send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
+    let lower = c.get(gw.url("/admin/replay")).header("authorization", "bearer  s3cret-admin").send().await.unwrap();
+    assert_eq!(lower.status(), 200, "the scheme in any case, spaces trimmed");
     let replay: Value = c.get(gw.url("/admin/replay")).bearer_auth("s3cret-admin").send().await.unwrap().json().await.unwrap();
     assert_eq!(replay["clean"], true);
     let activity: Value = c.get(gw.url("/admin/activity?limit=5")).bearer_auth("s3cret-admin").send().await.unwrap().json().await.unwrap();
@@ -422,5 +428,65 @@ async fn a_passthrough_key_goes_to_the_provider_only_and_only_when_allowed() {
     let ledger: String = k.events(1, 1_000).unwrap().iter().map(|e| e.data.clone()).collect();
     assert!(!ledger.contains(key));
     assert_settled(&k, "own");
+    gw.shutdown().await;
+}
+
+/// Headers aex cannot read are refused naming the field, never dropped: a dropped execution id
+/// would let one call be sent twice.
+#[tokio::test]
+async fn unreadable_headers_are_refused_not_dropped() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(reply())).mount(&provider).await;
+    let k = kernel(&provider.uri());
+    let token = agent(&k, "atlas", 1_000_000, |_| {});
+    let gw = start(&k, ServeOptions::default()).await;
+    for (name, field) in [("x-aex-execution-id", "execution_id"), ("x-aex-provider-key", "provider_key")] {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header(name, reqwest::header::HeaderValue::from_bytes("tâche-1".as_bytes()).unwrap())
+            .json(&chat(json!({})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["param"], field);
+    }
+    assert!(provider.received_requests().await.unwrap().is_empty());
+    gw.shutdown().await;
+}
+
+/// Unknown paths and wrong methods answer OpenAI-shaped JSON like every other error.
+#[tokio::test]
+async fn unknown_paths_and_methods_answer_json() {
+    let k = kernel("http://127.0.0.1:9");
+    let gw = start(&k, ServeOptions::default()).await;
+    for (method, path, status) in [("GET", "/nope", 404), ("GET", "/v1/chat/completions", 405), ("PUT", "/v1/embeddings", 405)] {
+        let r = client().request(method.parse().unwrap(), gw.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), status, "{method} {path}");
+        assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string(), "{method} {path}");
+    }
+    gw.shutdown().await;
+}
+
+/// Without an admin token, admin endpoints answer loopback hosts and origins only (no DNS
+/// rebinding, no cross-site reload); concurrent scrapes each see every agent.
+#[tokio::test]
+async fn admin_endpoints_without_a_token_answer_loopback_only_and_scrapes_are_whole() {
+    let k = kernel("http://127.0.0.1:9");
+    for i in 0..20 {
+        agent(&k, &format!("a{i}"), 1_000, |_| {});
+    }
+    let gw = start(&k, ServeOptions::default()).await;
+    let c = client();
+    assert_eq!(c.get(gw.url("/dashboard/data")).header("host", "attacker.example").send().await.unwrap().status(), 403);
+    let r = c.post(gw.url("/admin/reload_config")).header("origin", "http://attacker.example").send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(c.get(gw.url("/dashboard/data")).send().await.unwrap().status(), 200);
+    let scrapes: Vec<_> = (0..16).map(|_| tokio::spawn(c.get(gw.url("/metrics")).send())).collect();
+    for s in scrapes {
+        let text = s.await.unwrap().unwrap().text().await.unwrap();
+        assert_eq!(text.lines().filter(|l| l.starts_with("aex_agent_budget_micro{")).count(), 20);
+    }
     gw.shutdown().await;
 }

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -69,16 +70,35 @@ def _int_between(low: int, high: int, what: str) -> Any:
     return parse
 
 
+_NETWORK_DEADLINE = 10.0  # seconds for a provider's whole answer
+
+
 def _reachable(base_url: str) -> tuple[str, str]:
-    """Whether a provider answers HTTP at all (any status, even 401, is an answer)."""
+    """Whether a provider's OpenAI-compatible API answers at ``base_url``: its ``/models`` within
+    the deadline, whole. 401/403 are answers (the key is the provider check's business); 404
+    says the base URL is wrong; anything else, or no answer in time, fails."""
+    outcome: list[tuple[str, str]] = []
     started = time.monotonic()
-    try:
-        urllib.request.urlopen(urllib.request.Request(base_url.rstrip("/") + "/models", method="GET"), timeout=5)  # noqa: S310
-    except urllib.error.HTTPError as e:
-        return "ok", f"{base_url}: answered {e.code} in {(time.monotonic() - started) * 1000:.0f} ms"
-    except (OSError, ValueError) as e:
-        return "fail", f"{base_url}: no answer ({e})"
-    return "ok", f"{base_url}: answered in {(time.monotonic() - started) * 1000:.0f} ms"
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base_url.rstrip("/") + "/models", method="GET"), timeout=5) as r:  # noqa: S310
+                r.read()
+            outcome.append(("ok", f"{base_url}: answered in {(time.monotonic() - started) * 1000:.0f} ms"))
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                outcome.append(("ok", f"{base_url}: answered {e.code} (it wants a key) in {(time.monotonic() - started) * 1000:.0f} ms"))
+            elif e.code == 404:
+                outcome.append(("fail", f"{base_url}: answered 404 for /models: is base_url the API root (…/v1)?"))
+            else:
+                outcome.append(("fail", f"{base_url}: answered {e.code}"))
+        except (OSError, ValueError) as e:
+            outcome.append(("fail", f"{base_url}: no answer ({e})"))
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(_NETWORK_DEADLINE)
+    return outcome[0] if outcome else ("fail", f"{base_url}: no whole answer within {_NETWORK_DEADLINE:.0f} s")
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -138,11 +158,16 @@ class Cli:
                 check("config", "fail", f"{self.config}: {e.message}")
         started = time.monotonic()
         k: Optional[Kernel] = None
-        try:
-            make_private_dir(self.db.parent)
-            k = Kernel(str(self.db), config=str(self.config) if config is not None and self.config else None)
-        except AexError as e:
-            check("database", "fail", f"{self.db}: {e.message}")
+        if not self.db.exists():
+            # Looking must not create: a mistyped --db would otherwise pass as a new, empty database.
+            check("database", "fail", f"no database at {self.db} (aex init creates one)")
+        else:
+            try:
+                k = Kernel(str(self.db), config=str(self.config) if config is not None and self.config else None)
+            except AexError as e:
+                check("database", "fail", f"{self.db}: {e.message}")
+                if e.status == 503:
+                    check("lock", "fail", f"gave up after {time.monotonic() - started:.1f} s: another process holds the database")
         opened = time.monotonic() - started
         if k is not None:
             config = k.models()

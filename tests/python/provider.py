@@ -1,5 +1,5 @@
 """A small OpenAI-compatible server on 127.0.0.1 for the tests: chat completions (plain and SSE
-streaming with a final usage chunk when asked), responses, embeddings; models named
+streaming with a final usage chunk when asked), responses, embeddings, the model list; models named
 ``fail-429`` / ``fail-500`` answer with that error. Every request body is kept in ``requests``."""
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.endswith("/models"):
+            self._json(200, {"object": "list", "data": [{"id": "mini", "object": "model", "created": 0, "owned_by": "test"}]})
+        else:
+            self._json(404, {"error": {"message": "no such route"}})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -36,6 +36,7 @@ def test_a_healthy_setup_passes_every_check_and_the_network_one(tmp_path, monkey
     provider = Provider()
     try:
         db, config = str(tmp_path / "aex.db"), write_config(tmp_path, provider.url)
+        aex.Kernel(db, config=config)  # the database exists (doctor never creates one)
         proc = doctor(db, config, "--network")
         data, checks = by_check(proc)
         assert proc.returncode == 0 and data["ok"], proc.stdout
@@ -96,3 +97,51 @@ def test_files_open_to_other_users_fail_the_permissions_check(tmp_path, monkeypa
         assert proc.returncode == 1 and checks["permissions"]["status"] == "fail", checks["permissions"]
     finally:
         provider.stop()
+
+
+def test_a_missing_database_fails_and_is_not_created(tmp_path, provider):
+    db = tmp_path / "typo" / "dir" / "aex.db"
+    config = write_config(tmp_path, provider.url, key_env="AEX_DOCTOR_KEY")
+    proc = doctor(str(db), config)
+    data, checks = by_check(proc)
+    assert proc.returncode == 1 and checks["database"]["status"] == "fail" and "no database" in checks["database"]["detail"]
+    assert not db.exists() and not db.parent.exists(), "looking created nothing"
+
+
+def test_the_network_check_fails_a_wrong_base_url_and_a_provider_that_never_finishes(tmp_path, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            if self.path.startswith("/wrong"):
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(60):  # one byte every 3 s: never whole within the deadline
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                threading.Event().wait(3)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        monkeypatch.setenv("AEX_DOCTOR_KEY", "x")
+        db = str(tmp_path / "aex.db")
+        for base, needle in ((f"http://127.0.0.1:{port}/wrong", "404"), (f"http://127.0.0.1:{port}/v1", "within")):
+            config = write_config(tmp_path, base)
+            aex.Kernel(db, config=config)
+            proc = doctor(db, config, "--network")
+            data, checks = by_check(proc)
+            assert proc.returncode == 1 and checks["network local"]["status"] == "fail", checks["network local"]
+            assert needle in checks["network local"]["detail"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -338,6 +338,9 @@ async fn attempt<'c>(
         last.end(governed, refused).map_err(Failure::Final)?;
         return Err(if status.is_server_error() {
             Failure::Retryable(format!("{model}: provider answered {status}"))
+        } else if matches!(status.as_u16(), 401 | 403) {
+            // The key was refused: the operator's (or the agent's own) key, not the request.
+            Failure::Final(Error::Unavailable(format!("{model}: the provider refused the key ({status}): check the provider's api_key_env, or the agent's own key")))
         } else if status.is_redirection() {
             Failure::Final(Error::Unavailable(format!("{model}: the provider answered a redirect ({status}); aex does not follow redirects")))
         } else {
