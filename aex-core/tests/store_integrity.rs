@@ -200,3 +200,30 @@ fn a_classic_lock_query_in_this_process_sees_aex_locks() {
     assert!(held(Path::new(&format!("{}-shm", path.display())), 128, 1), "the WAL index's lock is invisible");
     drop(k);
 }
+
+/// Reads do not queue behind a write that waits for another connection's lock (an operator's
+/// `sqlite3` shell mid-transaction): they run on a connection of their own, as WAL readers that
+/// never wait for writers. The write itself waits, then goes through once the lock is released.
+#[test]
+fn reads_answer_while_a_write_waits_for_an_outside_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("aex.db");
+    let k = file_kernel(&path);
+    let token = agent(&k, "atlas", 1_000_000);
+    let outside = rusqlite::Connection::open(&path).unwrap();
+    outside.execute_batch("BEGIN IMMEDIATE; UPDATE agents SET rpm = rpm;").unwrap();
+    let writer = {
+        let k = k.clone();
+        std::thread::spawn(move || k.admit(&token, &AdmitRequest::new(MODEL).input_tokens(10).max_output_tokens(10)))
+    };
+    std::thread::sleep(Duration::from_millis(300)); // the admission is waiting for the lock
+    let started = Instant::now();
+    let agent = k.agent("atlas").unwrap();
+    k.head().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "reads took {:?}", started.elapsed());
+    assert_eq!(agent.reserved_micro, 0, "the waiting write is not visible yet");
+    outside.execute_batch("ROLLBACK").unwrap();
+    let admitted = writer.join().unwrap().unwrap();
+    assert_eq!(k.agent("atlas").unwrap().reserved_micro, admitted.reserved_micro);
+    assert_clean(&k);
+}

@@ -214,6 +214,10 @@ ALTER TABLE teams ADD COLUMN seal_tag BLOB;
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// A second connection for reads of a file database: WAL readers never wait for writers, so
+    /// a read does not queue behind a write that waits for another process's lock. `None` for an
+    /// in-memory database (a second connection would be another database).
+    reader: Option<Mutex<Connection>>,
     /// Writes waiting for a leader to run them.
     queue: Mutex<Vec<Job>>,
     max_batch: usize,
@@ -327,6 +331,10 @@ impl SqliteStore {
         let mut store = SqliteStore::new(conn, Some(SideLock::new(lock)), Some(path.to_path_buf()), options);
         store.warnings = warnings;
         store.migrate()?;
+        let reader = Connection::open(path).map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        reader.busy_timeout(options.busy_timeout)?;
+        reader.pragma_update(None, "query_only", true)?;
+        store.reader = Some(Mutex::new(reader));
         Ok(store)
     }
 
@@ -343,6 +351,7 @@ impl SqliteStore {
     fn new(conn: Connection, lock: Option<SideLock>, path: Option<PathBuf>, options: StoreOptions) -> SqliteStore {
         SqliteStore {
             conn: Mutex::new(conn),
+            reader: None,
             queue: Mutex::new(Vec::new()),
             max_batch: options.max_batch.max(1),
             lock_timeout: options.busy_timeout,
@@ -512,6 +521,13 @@ impl Store for SqliteStore {
     }
 
     fn read(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
+        if let Some(reader) = &self.reader {
+            let conn = reader.lock();
+            conn.execute_batch("BEGIN DEFERRED")?;
+            let result = catch_unwind(AssertUnwindSafe(|| f(&mut SqliteTx::new(&conn))));
+            let _ = conn.execute_batch("ROLLBACK");
+            return result.unwrap_or_else(|panic| resume_unwind(panic));
+        }
         let conn = self.conn.lock();
         conn.execute_batch("BEGIN DEFERRED")?;
         let result = catch_unwind(AssertUnwindSafe(|| f(&mut SqliteTx::new(&conn))));
