@@ -178,6 +178,54 @@ def test_in_process_and_http_agents_share_one_team_budget_without_overshoot(serv
     assert_clean(k)
 
 
+def test_a_killed_gateway_leaves_its_dispatched_call_to_the_ttl_rule(tmp_path):
+    import socket
+    import time
+
+    # A provider that takes the request and never answers.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    (tmp_path / "models.yaml").write_text(f"""
+providers:
+  local: {{base_url: "http://127.0.0.1:{listener.getsockname()[1]}/v1"}}
+models:
+  mini: {{provider: local, input_price: 1, output_price: 2, max_output_tokens: 1000}}
+""")
+    server = Server(tmp_path)
+    try:
+        k = aex.Kernel(server.db, config=server.config)
+        token = k.create_agent("atlas", "1.00")
+        threading.Thread(
+            target=lambda: subprocess.run(["curl", "-s", "-m", "30", f"{server.url}/chat/completions", "-H", f"Authorization: Bearer {token}",
+                                           "-d", json.dumps({"model": "mini", "messages": MSGS})], capture_output=True),
+            daemon=True,
+        ).start()
+        deadline = time.monotonic() + 20
+        while not any(e["kind"] == "execution.dispatched" for e in k.events(1, 100)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.proc.kill()  # SIGKILL: nothing settles the call
+        server.proc.communicate(timeout=30)
+        (execution_id,) = {e["execution_id"] for e in k.events(1, 100) if e["kind"] == "execution.dispatched"}
+        assert k.execution(execution_id)["state"] == "DISPATCHED"
+        # After the reservation's TTL, the next kernel to look charges it in full: it may have
+        # reached the provider.
+        later = aex.Kernel(server.db, config=server.config, manual_clock_ms=k.now_ms() + 16 * 60 * 1000)
+        assert_clean(later)  # the audit sweeps expired reservations first
+        e = later.execution(execution_id)
+        assert (e["state"], e["cost_micro"]) == ("COMMITTED", e["reserved_micro"]), e
+        assert later.agent("atlas")["reserved_micro"] == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.communicate(timeout=30)
+        for c in held:
+            c.close()
+        listener.close()
+
+
 def test_sigterm_stops_the_gateway_cleanly(home):
     s = Server(home)
     out = s.stop()
