@@ -2,6 +2,8 @@
 #ifndef AEX_TEST_CHECK_H
 #define AEX_TEST_CHECK_H
 
+#include "aex.h"
+
 #include <stdio.h>
 #include <string.h>
 
@@ -29,6 +31,15 @@ static int checks_failed = 0;
               #expr, (int)got_, aex_status_name(got_), (int)(want));                   \
     }                                                                                  \
   } while (0)
+
+/* Whether the kernel's audit is clean; prints the report to stderr when it is not. */
+static inline int audit_clean(aex_kernel *k) {
+  char *json = NULL;
+  int clean = aex_kernel_audit(k, NULL, &json, NULL) == AEX_OK && strstr(json, "\"clean\":true") != NULL;
+  if (!clean && json) fprintf(stderr, "audit: %s\n", json);
+  aex_string_free(json);
+  return clean;
+}
 
 /* Prints the closing line the test runner reads and returns the exit code. */
 static int check_summary(const char *suite) {

@@ -100,14 +100,6 @@ static long long agent_field(aex_kernel *k, const char *key) {
   return v;
 }
 
-static int audit_clean(aex_kernel *k) {
-  char *json = NULL;
-  int clean = aex_kernel_audit(k, NULL, &json, NULL) == AEX_OK && strstr(json, "\"clean\":true") != NULL;
-  if (!clean && json) fprintf(stderr, "audit: %s\n", json);
-  aex_string_free(json);
-  return clean;
-}
-
 /* Reopens NAME.db after its kernel was closed and checks what the agent was charged. */
 static void check_charged_on_reopen(const char *name, int64_t spent) {
   char path[4200];
@@ -270,24 +262,10 @@ static void execution_ids(void) {
 
 /* ---- A connection that could not be made sent nothing: the reservation comes back. ---- */
 
-static int listener(int backlog, int *fd_out) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in addr;
-  memset(&addr, 0, sizeof addr);
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  bind(fd, (struct sockaddr *)&addr, sizeof addr);
-  if (backlog >= 0) listen(fd, backlog);
-  getsockname(fd, (struct sockaddr *)&addr, &len);
-  *fd_out = fd;
-  return ntohs(addr.sin_port);
-}
-
 static void connect_failures(void) {
   int dead_fd, full_fd;
-  int dead = listener(-1, &dead_fd); /* bound, never listening: refused */
-  int full = listener(0, &full_fd);  /* listening, never accepting: fill its queue */
+  int dead = loopback_listener(-1, &dead_fd); /* bound, never listening: refused */
+  int full = loopback_listener(0, &full_fd);  /* listening, never accepting: fill its queue */
   int fillers[4];
   for (int i = 0; i < 4; i++) {
     struct sockaddr_in addr;

@@ -56,14 +56,6 @@ static long long agent_field(aex_kernel *k, const char *name, const char *key) {
   return v;
 }
 
-static int audit_clean(aex_kernel *k) {
-  char *json = NULL;
-  int clean = aex_kernel_audit(k, NULL, &json, NULL) == AEX_OK && strstr(json, "\"clean\":true") != NULL;
-  if (!clean && json) fprintf(stderr, "audit: %s\n", json);
-  aex_string_free(json);
-  return clean;
-}
-
 static void test_version(void) {
   CHECK(strcmp(aex_version(), AEX_VERSION_STRING) == 0);
   CHECK(aex_version_number() == AEX_VERSION_MAJOR * 10000u + AEX_VERSION_MINOR * 100u + AEX_VERSION_PATCH);

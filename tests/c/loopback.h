@@ -132,16 +132,29 @@ static void *loopback_handle(void *arg) {
   return NULL;
 }
 
-/* Starts the provider in a child process; returns its port and writes its pid to `*pid`. */
-static int loopback_start(pid_t *pid) {
+/* A TCP socket on 127.0.0.1 at a port the system chooses, listening with `backlog` (a negative
+   `backlog`: bound but not listening, so connections are refused). Writes the socket to
+   `*fd_out`; returns the port, or -1 on failure. */
+static int loopback_listener(int backlog, int *fd_out) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   struct sockaddr_in addr;
   memset(&addr, 0, sizeof addr);
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t len = sizeof addr;
-  if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(fd, 64) != 0 ||
+  *fd_out = fd;
+  if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || (backlog >= 0 && listen(fd, backlog) != 0) ||
       getsockname(fd, (struct sockaddr *)&addr, &len) != 0) {
+    return -1;
+  }
+  return ntohs(addr.sin_port);
+}
+
+/* Starts the provider in a child process; returns its port and writes its pid to `*pid`. */
+static int loopback_start(pid_t *pid) {
+  int fd;
+  int port = loopback_listener(64, &fd);
+  if (port < 0) {
     perror("loopback");
     exit(2);
   }
@@ -158,7 +171,7 @@ static int loopback_start(pid_t *pid) {
     }
   }
   close(fd);
-  return ntohs(addr.sin_port);
+  return port;
 }
 
 static void loopback_stop(pid_t pid) {
