@@ -733,7 +733,8 @@ struct aex_options *aex_options_new(void);
 void aex_options_free(struct aex_options *opts);
 
 /**
- * Sets the durability: "full" (fsync every commit; the default), "normal" or "memory".
+ * Sets the durability: "full" (admissions fsynced before they return; the default), "normal" or
+ * "memory". What each survives: the README, "Durability".
  *
  * # Safety
  * `opts` must be a live `aex_options`; `durability` a NUL-terminated string; `err` NULL or

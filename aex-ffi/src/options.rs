@@ -39,7 +39,8 @@ fn opts_mut<'a>(opts: *mut aex_options) -> Result<&'a mut aex_options, Error> {
     unsafe { opts.as_mut() }.ok_or_else(|| Error::invalid("opts", "must not be NULL"))
 }
 
-/// Sets the durability: "full" (fsync every commit; the default), "normal" or "memory".
+/// Sets the durability: "full" (admissions fsynced before they return; the default), "normal" or
+/// "memory". What each survives: the README, "Durability".
 ///
 /// # Safety
 /// `opts` must be a live `aex_options`; `durability` a NUL-terminated string; `err` NULL or

@@ -683,6 +683,9 @@ impl Tx for Guard<'_> {
     fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
         self.tx.set_meta(key, value)
     }
+    fn sync_later(&mut self) {
+        self.tx.sync_later();
+    }
 }
 
 #[cfg(test)]

@@ -225,6 +225,13 @@ pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Term
             };
         return Ok(if same { Ok(Settlement::of(&e, true)) } else { Err(refuse(&e, asked)) });
     }
+    // The dispatch mark is on disk already, so this settlement may reach it later: lost to a
+    // power cut, the execution is dispatched again and the TTL rule charges its full
+    // reservation. A reserved execution's settlement must be on disk at once: the TTL rule would
+    // release it, and a provider may have billed it.
+    if e.state == ExecutionState::Dispatched {
+        tx.sync_later();
+    }
 
     e.state = call.state();
     e.settled_at_ms = Some(now);

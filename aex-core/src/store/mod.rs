@@ -184,4 +184,11 @@ pub trait Tx {
     fn meta(&mut self, key: &str) -> Result<Option<String>>;
     /// Sets a metadata value.
     fn set_meta(&mut self, key: &str, value: &str) -> Result<()>;
+
+    /// Says that this write may reach disk after the store returns: losing it to a power cut
+    /// must leave a state the rules settle safely — the settlement of a dispatched execution,
+    /// which the TTL rule then charges in full. A store that fsyncs commits may skip the fsync of
+    /// a transaction whose every write says so; a later fsynced commit or checkpoint persists it.
+    /// Does nothing by default.
+    fn sync_later(&mut self) {}
 }

@@ -49,7 +49,12 @@ use crate::settlement::Usage;
 /// How hard each commit is pushed to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// Every commit is fsynced before it returns (`synchronous=FULL`). Survives power loss.
+    /// Every commit that must survive a power cut is fsynced before it returns: admissions,
+    /// dispatch marks, agent and team changes, everything but the settlement of a dispatched
+    /// execution ([`Tx::sync_later`]). Such a settlement reaches disk with the next fsynced commit
+    /// or checkpoint; lost to a power cut before that, its execution is still dispatched and the
+    /// TTL rule charges its full reservation — over-charged, never under-charged. So a guarded
+    /// call costs one fsync. Survives power loss.
     #[default]
     Full,
     /// WAL is fsynced at checkpoints (`synchronous=NORMAL`). Survives a process crash; a power
@@ -75,7 +80,8 @@ impl Durability {
 
     fn pragma(self) -> &'static str {
         match self {
-            Durability::Full => "FULL",
+            // The store fsyncs the WAL itself after each commit that needs it (`sync_wal`).
+            Durability::Full => "NORMAL",
             Durability::Normal => "NORMAL",
             Durability::Memory => "OFF",
         }
@@ -96,6 +102,11 @@ pub struct StoreOptions {
 
 /// The default [`StoreOptions::max_batch`].
 pub const DEFAULT_MAX_BATCH: usize = 64;
+
+/// Prepared statements kept per connection. Every statement a call runs stays compiled: an
+/// admission and its settlement touch more distinct statements than rusqlite's default of 16,
+/// and an evicted one is parsed and planned again on its next use.
+const STATEMENT_CACHE: usize = 128;
 
 impl Default for StoreOptions {
     fn default() -> Self {
@@ -226,6 +237,8 @@ pub struct SqliteStore {
     lock_timeout: Duration,
     /// The cross-process write lock; `None` for an in-memory database.
     lock: Option<SideLock>,
+    /// Whether commits that must survive a power cut are fsynced (`full`, on a file).
+    sync_commits: bool,
     path: Option<PathBuf>,
     /// What was unsafe about the files' permissions at open.
     warnings: Vec<String>,
@@ -349,7 +362,9 @@ impl SqliteStore {
     }
 
     fn new(conn: Connection, lock: Option<SideLock>, path: Option<PathBuf>, options: StoreOptions) -> SqliteStore {
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         SqliteStore {
+            sync_commits: path.is_some() && options.durability == Durability::Full,
             conn: Mutex::new(conn),
             reader: None,
             queue: Mutex::new(Vec::new()),
@@ -389,7 +404,8 @@ impl SqliteStore {
                 conn.execute_batch(sql)?;
             }
             conn.pragma_update(None, "user_version", known)?;
-            Ok(conn.execute_batch("COMMIT")?)
+            conn.execute_batch("COMMIT")?;
+            self.sync(&conn)
         })();
         if migrated.is_err() && !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
@@ -447,10 +463,13 @@ impl SqliteStore {
         }
         let alone = jobs.len() == 1;
         let mut results = Vec::with_capacity(jobs.len());
+        let mut sync_now = false;
         for job in &jobs {
-            results.push(self.run_member(conn, job, alone));
+            let (result, later) = self.run_member(conn, job, alone);
+            sync_now |= matches!(result, Ok(Ok(()))) && !later;
+            results.push(result);
         }
-        let committed = if conn.is_autocommit() {
+        let mut committed = if conn.is_autocommit() {
             Err(Error::Unavailable("the store rolled the transaction back".into()))
         } else if alone && !matches!(results[0], Ok(Ok(()))) {
             run(conn, "ROLLBACK")
@@ -460,10 +479,15 @@ impl SqliteStore {
         if committed.is_err() && !conn.is_autocommit() {
             let _ = run(conn, "ROLLBACK");
         }
+        // Other processes may write while this one waits for the disk.
         drop(side);
+        if committed.is_ok() && sync_now {
+            committed = self.sync(conn);
+        }
         self.stats.lock().record(jobs.len(), started.elapsed());
         for (job, result) in jobs.iter().zip(results) {
             let result = match (&committed, result) {
+                (Err(e @ Error::Unavailable(m)), Ok(Ok(()))) if m.starts_with(NOT_ON_DISK) => Ok(Err(e.clone())),
                 (Err(e), Ok(Ok(()))) => Ok(Err(Error::Unavailable(format!("the transaction was rolled back: {e}")))),
                 (_, result) => result,
             };
@@ -472,27 +496,76 @@ impl SqliteStore {
     }
 
     /// Runs one queued closure: inside a savepoint unless it is `alone` in its transaction.
-    fn run_member(&self, conn: &Connection, job: &Job, alone: bool) -> std::result::Result<Result<()>, Panic> {
+    /// Also returns whether the closure said its change may reach disk later
+    /// ([`Tx::sync_later`]).
+    fn run_member(&self, conn: &Connection, job: &Job, alone: bool) -> (std::result::Result<Result<()>, Panic>, bool) {
         if conn.is_autocommit() {
             // An earlier member's failure made SQLite roll back the whole transaction.
-            return Ok(Err(Error::Unavailable("the store rolled the transaction back".into())));
+            return (Ok(Err(Error::Unavailable("the store rolled the transaction back".into()))), false);
         }
         if !alone && let Err(e) = run(conn, "SAVEPOINT member") {
-            return Ok(Err(e));
+            return (Ok(Err(e)), false);
         }
         // SAFETY: see `Job::f`; its writer is blocked on `job.done` until `finish`.
         let f = unsafe { &mut *job.f };
-        let result = catch_unwind(AssertUnwindSafe(|| f(&mut SqliteTx::new(conn)))).map_err(Panic);
+        let mut tx = SqliteTx::new(conn);
+        let result = catch_unwind(AssertUnwindSafe(|| f(&mut tx))).map_err(Panic);
+        let later = tx.sync_later;
         if !alone && !conn.is_autocommit() {
             let kept = matches!(result, Ok(Ok(())));
             if let Err(e) = (if kept { Ok(()) } else { run(conn, "ROLLBACK TO member") }).and_then(|()| run(conn, "RELEASE member")) {
                 // The savepoint could not be closed, so this member's changes cannot be told
                 // apart from the others': the whole transaction goes, and every member fails.
                 let _ = run(conn, "ROLLBACK");
-                return Ok(Err(e));
+                return (Ok(Err(e)), false);
             }
         }
-        result
+        (result, later)
+    }
+
+    /// After a commit that must survive a power cut, under `full`: fsyncs the WAL, which holds
+    /// that commit's frames and every earlier one (whoever wrote them). The connection runs at
+    /// `synchronous=NORMAL`, so SQLite itself fsyncs only at checkpoints; this is the commit's
+    /// fsync, taken only when the transaction needs it. Nothing to do otherwise.
+    ///
+    /// The commit is visible to other connections before this returns; if the fsync fails, its
+    /// writers get [`Error::Unavailable`] although the change stands (an admission then holds its
+    /// reservation until the TTL rule settles it).
+    fn sync(&self, conn: &Connection) -> Result<()> {
+        if !self.sync_commits {
+            return Ok(());
+        }
+        sync_wal(conn).map_err(|e| Error::Unavailable(format!("{NOT_ON_DISK}: {e}")))
+    }
+}
+
+/// How a commit whose fsync failed is reported.
+const NOT_ON_DISK: &str = "the change was committed but could not be written to disk";
+
+/// fsyncs the connection's write-ahead log through SQLite's own file object (the VFS's `xSync`,
+/// as SQLite's `synchronous=FULL` commit does). No WAL open means nothing was written.
+fn sync_wal(conn: &Connection) -> std::result::Result<(), String> {
+    use rusqlite::ffi;
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: the caller holds the connection (its mutex), so no other thread uses the handle;
+    // SQLITE_FCNTL_JOURNAL_POINTER writes one `sqlite3_file *` (the WAL's, or null) to `file`.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), ffi::SQLITE_FCNTL_JOURNAL_POINTER, (&raw mut file).cast())
+    };
+    if rc != ffi::SQLITE_OK {
+        return Err(format!("cannot reach the write-ahead log (SQLite error {rc})"));
+    }
+    // SAFETY: a non-null pointer is the open WAL file of this connection, valid while the
+    // connection is in WAL mode and held by the caller; its methods are the VFS's.
+    unsafe {
+        if file.is_null() || (*file).pMethods.is_null() {
+            return Ok(());
+        }
+        let Some(x_sync) = (*(*file).pMethods).xSync else { return Ok(()) };
+        match x_sync(file, ffi::SQLITE_SYNC_NORMAL) {
+            ffi::SQLITE_OK => Ok(()),
+            rc => Err(format!("fsync of the write-ahead log failed (SQLite error {rc})")),
+        }
     }
 }
 
@@ -545,6 +618,8 @@ struct SqliteTx<'c> {
     /// follows the load without a second query. Taken once; cleared by any write to that table;
     /// dropped with the closure.
     last_seal: Option<LastSeal>,
+    /// Set by [`Tx::sync_later`].
+    sync_later: bool,
 }
 
 #[derive(Debug)]
@@ -555,7 +630,7 @@ enum LastSeal {
 
 impl<'c> SqliteTx<'c> {
     fn new(conn: &'c Connection) -> Self {
-        SqliteTx { conn, last_seal: None }
+        SqliteTx { conn, last_seal: None, sync_later: false }
     }
 
     fn load_agent(&mut self, sql: &str, key: impl rusqlite::Params) -> Result<Option<Agent>> {
@@ -1189,5 +1264,9 @@ impl Tx for SqliteTx<'_> {
             .prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2")?
             .execute([key, value])?;
         Ok(())
+    }
+
+    fn sync_later(&mut self) {
+        self.sync_later = true;
     }
 }

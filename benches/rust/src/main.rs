@@ -310,6 +310,30 @@ async fn instant_provider() -> std::net::SocketAddr {
     addr
 }
 
+/// A proxy that governs nothing: it forwards each POST to the provider with one pooled client
+/// and returns the answer, on the gateway's runtime. What any HTTP gateway costs before it does
+/// any work of its own: the floor under `aex serve`'s overhead.
+async fn plain_proxy(provider: std::net::SocketAddr) -> std::net::SocketAddr {
+    use axum::body::Bytes;
+    use axum::serve::ListenerExt;
+    let client = reqwest::Client::new();
+    let upstream = format!("http://{provider}/v1/chat/completions");
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |body: Bytes| {
+            let (client, upstream) = (client.clone(), upstream.clone());
+            async move { client.post(&upstream).header("content-type", "application/json").body(body).send().await.unwrap().bytes().await.unwrap() }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
 /// `clients` tasks each making `calls` POSTs of `body` to `url`; every latency (µs) and the wall time.
 async fn load(url: &str, token: &str, body: &Value, clients: usize, calls: usize) -> (Vec<f64>, Duration) {
     let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build().unwrap();
@@ -342,8 +366,9 @@ async fn load(url: &str, token: &str, body: &Value, clients: usize, calls: usize
 fn gateway_rows() {
     let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(aex_serve::WORKER_THREADS).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (provider, gateway, token) = server_rt.block_on(async {
+    let (provider, proxy, gateway, token) = server_rt.block_on(async {
         let provider = instant_provider().await;
+        let proxy = plain_proxy(provider).await;
         let config = Config::from_yaml(&format!(
             "providers:\n  local: {{base_url: \"http://{provider}/v1\"}}\nmodels:\n  {MODEL}: {{provider: local, input_price: 0.15, output_price: 0.60, max_output_tokens: 100}}\n"
         ))
@@ -355,12 +380,13 @@ fn gateway_rows() {
         let gateway = aex_serve::Gateway::bind(k, options).await.unwrap();
         let addr = gateway.local_addr().unwrap();
         tokio::spawn(gateway.run(std::future::pending()));
-        (provider, addr, token)
+        (provider, proxy, addr, token)
     });
     let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20});
     let direct = format!("http://{provider}/v1/chat/completions");
     let governed = format!("http://{gateway}/v1/chat/completions");
+    let proxied = format!("http://{proxy}/v1/chat/completions");
     // The AEX 2.0 daemon in front of the same provider, when `AEX2_START` names its starter
     // (benches/aex2/start): it prints "URL TOKEN" once ready and runs until its group is killed.
     let aex2 = std::env::var("AEX2_START").ok().and_then(|start| {
@@ -374,6 +400,7 @@ fn gateway_rows() {
         // Warm every path (connections, the tokenizer, the statement cache).
         load(&direct, &token, &body, 1, 50).await;
         load(&governed, &token, &body, 1, 50).await;
+        load(&proxied, &token, &body, 1, 50).await;
         if let Some((_, url, t)) = &aex2 {
             load(url, t, &body, 1, 20).await;
         }
@@ -381,6 +408,8 @@ fn gateway_rows() {
             let calls = ((if clients == 1 { 2_000.0 } else { 100.0 }) * scale()).max(10.0) as usize;
             let (m, wall) = load(&direct, &token, &body, clients, calls).await;
             emit(&row("gateway", "chat call, direct to the provider (no aex)", "-", clients, 1, m, wall));
+            let (m, wall) = load(&proxied, &token, &body, clients, calls).await;
+            emit(&row("gateway", "chat call through a plain proxy (governs nothing)", "-", clients, 1, m, wall));
             let (m, wall) = load(&governed, &token, &body, clients, calls).await;
             emit(&row("gateway", "chat call through aex serve", "normal", clients, 1, m, wall));
             if let Some((_, url, t)) = &aex2 {
