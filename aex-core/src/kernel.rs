@@ -466,7 +466,7 @@ impl Kernel {
         self.write(|tx| {
             let agent = or_answer!(Self::agent_named(tx, name));
             for e in tx.open_executions(Some(agent.id), None)? {
-                settlement::settle(tx, hasher, &e.id, Terminal::Release("agent_deleted"), now)??;
+                settlement::settle(tx, hasher, &e.id, Terminal::Release("agent_deleted"), now, false)??;
             }
             let agent = Self::agent_named(tx, name)?;
             let data = json!({ "budget_micro": agent.budget_micro, "spent_micro": agent.spent_micro });
@@ -806,7 +806,7 @@ impl Kernel {
     fn settle(&self, execution_id: &str, call: Terminal<'_>) -> Result<Settlement> {
         call.validate()?;
         let now = self.now();
-        self.write(|tx| settlement::settle(tx, &self.inner.hasher, execution_id, call, now))
+        self.write(|tx| settlement::settle(tx, &self.inner.hasher, execution_id, call, now, true))
     }
 
     /// One execution as stored.
@@ -867,7 +867,10 @@ impl Kernel {
 
     // ---- ledger -----------------------------------------------------------------------------------
 
-    /// The latest event's seq and hash, or `None` for an empty ledger.
+    /// The latest event's seq and hash, or `None` for an empty ledger. Under `full` durability
+    /// it may name settlements not yet fsynced, which a power cut takes back (see
+    /// [`crate::Durability::Full`]): an anchor to keep for [`Kernel::audit`] is the head of an
+    /// audit report, whose own write is fsynced.
     ///
     /// # Errors
     /// Store errors.

@@ -6,7 +6,12 @@
 //! A power cut is simulated exactly: this test binary makes a VFS that wraps SQLite's own `unix`
 //! VFS its default, and at every successful `xSync` of a database or WAL file it copies that file
 //! aside. The copies are what the disk holds after a power cut at that moment (each file as of
-//! its last fsync); a kernel opened on them is the machine after the cut.
+//! its last fsync); a kernel opened on them is the machine after the cut. It can also make an
+//! fsync fail.
+//!
+//! Linux only: copying a database file opens and closes it, which is safe beside SQLite's locks
+//! only where aex takes open-file-description locks (see `store::ofd`).
+#![cfg(target_os = "linux")]
 
 mod common;
 
@@ -30,6 +35,8 @@ struct ShimFile {
 
 /// fsyncs seen per file path.
 static SYNCS: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
+/// A file whose fsyncs fail (with `SQLITE_IOERR_FSYNC`, as a failing disk's would).
+static FAIL_SYNCS_OF: Mutex<Option<PathBuf>> = Mutex::new(None);
 static mut UNIX: *mut ffi::sqlite3_vfs = std::ptr::null_mut();
 static mut SHIM_VFS: std::mem::MaybeUninit<ffi::sqlite3_vfs> = std::mem::MaybeUninit::uninit();
 static INSTALL: Once = Once::new();
@@ -61,14 +68,19 @@ unsafe extern "C" fn x_write(f: *mut ffi::sqlite3_file, buf: *const c_void, n: c
 unsafe extern "C" fn x_truncate(f: *mut ffi::sqlite3_file, size: ffi::sqlite3_int64) -> c_int {
     unsafe { methods(f).xTruncate.unwrap()(real(f), size) }
 }
-/// The real fsync, then the copy of what it made durable.
+/// The real fsync, then the copy of what it made durable (a copy that fails fails the fsync).
 unsafe extern "C" fn x_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     unsafe {
-        let rc = methods(f).xSync.unwrap()(real(f), flags);
         let path = (*f.cast::<ShimFile>()).path;
+        if !path.is_null() && FAIL_SYNCS_OF.lock().unwrap().as_deref() == Some(&*path) {
+            return ffi::SQLITE_IOERR_FSYNC;
+        }
+        let rc = methods(f).xSync.unwrap()(real(f), flags);
         if rc == ffi::SQLITE_OK && !path.is_null() {
             let path = &*path;
-            std::fs::copy(path, synced(path)).expect("copy the synced file");
+            if std::fs::copy(path, synced(path)).is_err() {
+                return ffi::SQLITE_IOERR_FSYNC;
+            }
             *SYNCS.lock().unwrap().get_or_insert_default().entry(path.clone()).or_default() += 1;
         }
         rc
@@ -154,7 +166,7 @@ unsafe extern "C" fn x_open(
             return rc;
         }
         if !name.is_null() && flags & (ffi::SQLITE_OPEN_MAIN_DB | ffi::SQLITE_OPEN_WAL) != 0 {
-            let path = CStr::from_ptr(name as *const c_char).to_str().expect("a UTF-8 path");
+            let path = CStr::from_ptr(name as *const c_char).to_string_lossy().into_owned();
             (*shim).path = Box::into_raw(Box::new(PathBuf::from(path)));
         }
         (*shim).base.pMethods = &SHIM_METHODS;
@@ -327,4 +339,85 @@ fn under_normal_durability_no_commit_is_fsynced() {
         k.commit(&a.execution_id, Usage::new(1_000, 20)).unwrap();
     }
     assert_eq!(wal_syncs(&db), before, "normal fsyncs only at checkpoints");
+}
+
+#[test]
+fn under_full_an_overrun_settlement_is_fsynced_at_once() {
+    // Lost to a power cut, the TTL rule would charge only the reservation: less than the cost.
+    install();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("aex.db");
+    let clock = ManualClock::new(T0);
+    let k = open(&db, &clock);
+    let token = agent(&k, "atlas", 10_000_000);
+    let admitted = k.admit_dispatched(&token, &request()).unwrap();
+    let before = wal_syncs(&db);
+    let settled = k.commit(&admitted.execution_id, Usage::new(1_000, 5_000)).unwrap();
+    assert!(settled.overrun_micro > 0);
+    assert_eq!(wal_syncs(&db), before + 1, "an overrun is fsynced");
+    let later = ManualClock::new(T0 + aex_core::DEFAULT_RESERVATION_TTL_MS + 1);
+    let revived = open(&cut(&db, &dir.path().join("cut")), &later);
+    let e = revived.execution(&admitted.execution_id).unwrap();
+    assert_eq!(e.cost_micro, Some(settled.cost_micro));
+    assert_eq!(revived.agent("atlas").unwrap().spent_micro, settled.cost_micro);
+    assert_clean(&revived);
+}
+
+#[test]
+fn under_full_deleting_an_agent_with_a_dispatched_call_is_fsynced() {
+    // The deletion releases the agent's open executions in the same transaction: a dispatched
+    // one among them must not let the deletion (and its token's revocation) wait for the disk.
+    install();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("aex.db");
+    let clock = ManualClock::new(T0);
+    let k = open(&db, &clock);
+    let token = agent(&k, "atlas", 10_000_000);
+    k.admit_dispatched(&token, &request()).unwrap();
+    let before = wal_syncs(&db);
+    k.delete_agent("atlas").unwrap();
+    assert_eq!(wal_syncs(&db), before + 1);
+    let revived = open(&cut(&db, &dir.path().join("cut")), &clock);
+    assert!(revived.agent("atlas").is_err(), "the deletion survived the cut");
+    assert!(revived.admit(&token, &request()).is_err(), "and so did the token's revocation");
+    assert_clean(&revived);
+}
+
+#[test]
+fn a_failed_fsync_is_reported_and_the_kernel_then_refuses_every_write() {
+    install();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("aex.db");
+    let clock = ManualClock::new(T0);
+    let k = open(&db, &clock);
+    let token = agent(&k, "atlas", 10_000_000);
+    let wal_path = wal(&std::fs::canonicalize(&db).unwrap());
+    *FAIL_SYNCS_OF.lock().unwrap() = Some(wal_path);
+    let failed = k.admit_dispatched(&token, &request()).unwrap_err();
+    *FAIL_SYNCS_OF.lock().unwrap() = None;
+    assert!(matches!(failed, aex_core::Error::Unavailable(_)), "{failed:?}");
+    assert!(failed.to_string().contains("could not be written to disk"), "{failed}");
+
+    // The disk may have dropped those pages while a later fsync succeeds: no write after it is
+    // trusted, though reads go on.
+    let refused = k.create_agent(&aex_core::AgentSpec::new("nova", 1_000)).unwrap_err();
+    assert!(refused.to_string().contains("refuses writes until the database is opened again"), "{refused}");
+    assert!(k.admit(&token, &request()).is_err());
+    assert_eq!(k.agent("atlas").unwrap().name, "atlas");
+    drop(k);
+
+    // Opened again, it works; the admission whose fsync failed stands (it was committed), so it
+    // is not lost: dispatched, the TTL rule charges it in full.
+    let k = open(&db, &clock);
+    k.admit_dispatched(&token, &request()).unwrap();
+    assert_eq!(k.agent("atlas").unwrap().reserved_micro, 2 * request_reservation(&k));
+    assert_clean(&k);
+}
+
+/// What one [`request`] reserves.
+fn request_reservation(k: &Kernel) -> i64 {
+    let token = agent(k, "probe", 10_000_000);
+    let a = k.admit(&token, &request()).unwrap();
+    k.release(&a.execution_id, "probe").unwrap();
+    a.reserved_micro
 }

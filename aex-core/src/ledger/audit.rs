@@ -26,7 +26,8 @@
 //!    from the admissions and settlements replayed (a deleted or lowered bucket resets a window).
 //!
 //! Removing the newest events leaves a valid shorter chain; the counters check catches it when
-//! they moved money, and a [`Head`] kept elsewhere and passed as the anchor always does.
+//! they moved money, and a [`Head`] kept elsewhere and passed as the anchor always does (keep
+//! one that is on disk: an audit report's, see [`crate::Kernel::head`]).
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -201,7 +201,10 @@ pub(crate) fn mark_dispatched(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, n
 }
 
 /// Brings an execution to a terminal state, or replays the identical earlier call.
-pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Terminal<'_>, now: i64) -> Result<Result<Settlement>> {
+///
+/// `alone`: the transaction's closure writes nothing but this settlement, so the settlement may
+/// reach disk after the commit returns where losing it is safe ([`Tx::sync_later`]).
+pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Terminal<'_>, now: i64, alone: bool) -> Result<Result<Settlement>> {
     let mut e = match load(tx, hasher, id, now) {
         Ok(e) => e,
         Err(err @ Error::NotFound { .. }) => return Ok(Err(err)),
@@ -225,14 +228,7 @@ pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Term
             };
         return Ok(if same { Ok(Settlement::of(&e, true)) } else { Err(refuse(&e, asked)) });
     }
-    // The dispatch mark is on disk already, so this settlement may reach it later: lost to a
-    // power cut, the execution is dispatched again and the TTL rule charges its full
-    // reservation. A reserved execution's settlement must be on disk at once: the TTL rule would
-    // release it, and a provider may have billed it.
-    if e.state == ExecutionState::Dispatched {
-        tx.sync_later();
-    }
-
+    let was_dispatched = e.state == ExecutionState::Dispatched;
     e.state = call.state();
     e.settled_at_ms = Some(now);
     let (kind, amount, data) = match call {
@@ -269,6 +265,14 @@ pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Term
     if settlement.overrun_micro > 0 {
         let data = json!({ "reserved_micro": e.reserved_micro, "cost_micro": settlement.cost_micro });
         ledger::append(tx, hasher, now, NewEvent::execution(EventKind::Overrun, &e.agent, &e.id, settlement.overrun_micro, data))?;
+    }
+    // What a power cut may take back: the settlement of a dispatched execution charging at most
+    // its reservation. The dispatch mark is on disk, so the execution comes back dispatched and
+    // the TTL rule charges the full reservation — over-charged, never under. A reserved
+    // execution's settlement must be on disk at once (the TTL rule would release it, though a
+    // provider may have billed it), and so must an overrun (the reservation is less than it).
+    if alone && was_dispatched && settlement.overrun_micro == 0 {
+        tx.sync_later();
     }
     Ok(Ok(settlement))
 }

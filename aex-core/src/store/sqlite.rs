@@ -50,11 +50,13 @@ use crate::settlement::Usage;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
     /// Every commit that must survive a power cut is fsynced before it returns: admissions,
-    /// dispatch marks, agent and team changes, everything but the settlement of a dispatched
-    /// execution ([`Tx::sync_later`]). Such a settlement reaches disk with the next fsynced commit
-    /// or checkpoint; lost to a power cut before that, its execution is still dispatched and the
-    /// TTL rule charges its full reservation — over-charged, never under-charged. So a guarded
-    /// call costs one fsync. Survives power loss.
+    /// dispatch marks, agent and team changes — everything but a settlement that may be lost
+    /// safely ([`Tx::sync_later`]: a dispatched execution's, charging at most its reservation,
+    /// made on its own). Such a settlement reaches disk with the next fsynced commit or
+    /// checkpoint; lost to a power cut before that, its execution is still dispatched and the
+    /// TTL rule charges its full reservation — over-charged, never under-charged. So a call
+    /// admitted dispatched costs one fsync. A failed fsync leaves the store refusing writes until
+    /// it is opened again. Survives power loss.
     #[default]
     Full,
     /// WAL is fsynced at checkpoints (`synchronous=NORMAL`). Survives a process crash; a power
@@ -239,6 +241,8 @@ pub struct SqliteStore {
     lock: Option<SideLock>,
     /// Whether commits that must survive a power cut are fsynced (`full`, on a file).
     sync_commits: bool,
+    /// Why this store refuses every write: a commit it could not fsync (see `sync`).
+    broken: Mutex<Option<String>>,
     path: Option<PathBuf>,
     /// What was unsafe about the files' permissions at open.
     warnings: Vec<String>,
@@ -339,7 +343,11 @@ impl SqliteStore {
         let lock = files::open_private(Path::new(&lock_path))
             .map_err(|e| Error::Unavailable(format!("cannot open lock file {}: {e}", Path::new(&lock_path).display())))?;
         conn.busy_timeout(options.busy_timeout)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // WAL mode is what makes readers never block the writer, and what `sync_wal` fsyncs.
+        let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Unavailable(format!("cannot put {} in WAL mode (it stays in '{mode}' mode)", path.display())));
+        }
         conn.pragma_update(None, "synchronous", options.durability.pragma())?;
         let mut store = SqliteStore::new(conn, Some(SideLock::new(lock)), Some(path.to_path_buf()), options);
         store.warnings = warnings;
@@ -365,6 +373,7 @@ impl SqliteStore {
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         SqliteStore {
             sync_commits: path.is_some() && options.durability == Durability::Full,
+            broken: Mutex::new(None),
             conn: Mutex::new(conn),
             reader: None,
             queue: Mutex::new(Vec::new()),
@@ -453,6 +462,9 @@ impl SqliteStore {
         if jobs.is_empty() {
             return;
         }
+        if let Some(why) = self.broken.lock().clone() {
+            return jobs.iter().for_each(|j| j.done.finish(Ok(Err(Error::Unavailable(why.clone())))));
+        }
         let started = std::time::Instant::now();
         let side = match self.side_lock() {
             Ok(side) => side,
@@ -528,14 +540,21 @@ impl SqliteStore {
     /// `synchronous=NORMAL`, so SQLite itself fsyncs only at checkpoints; this is the commit's
     /// fsync, taken only when the transaction needs it. Nothing to do otherwise.
     ///
-    /// The commit is visible to other connections before this returns; if the fsync fails, its
-    /// writers get [`Error::Unavailable`] although the change stands (an admission then holds its
-    /// reservation until the TTL rule settles it).
+    /// The commit is visible to other connections before this returns. If the fsync fails, its
+    /// writers get [`Error::Unavailable`] although the change stands (an admission then holds
+    /// its reservation until the TTL rule settles it: charged in full if it was admitted
+    /// dispatched, never under-charged), and the store refuses every later write until the
+    /// database is opened again: after a failed fsync the OS may have dropped those pages while
+    /// a later fsync succeeds, so nothing written after it could be trusted to be on disk.
     fn sync(&self, conn: &Connection) -> Result<()> {
         if !self.sync_commits {
             return Ok(());
         }
-        sync_wal(conn).map_err(|e| Error::Unavailable(format!("{NOT_ON_DISK}: {e}")))
+        sync_wal(conn).map_err(|e| {
+            let why = format!("{NOT_ON_DISK}: {e}");
+            *self.broken.lock() = Some(format!("{why}; this kernel refuses writes until the database is opened again"));
+            Error::Unavailable(why)
+        })
     }
 }
 
