@@ -144,16 +144,23 @@ impl Drop for Inner {
 }
 
 impl Kernel {
-    /// Opens (creating if needed) the SQLite database at `path`, migrates it, checks the ledger
-    /// key, and expires every due reservation.
+    /// Opens (creating if needed) the SQLite database at `path` — or, when `path` is a
+    /// `postgresql://` (or `postgres://`) URL, that PostgreSQL database ([`crate::store::PgStore`],
+    /// for fleets; `options.store` applies to SQLite only) — migrates it, checks the ledger key,
+    /// and expires every due reservation.
     ///
     /// # Errors
-    /// [`Error::InvalidRequest`] for bad options or a ledger key that does not match the database;
-    /// [`Error::Unavailable`] when the file cannot be opened or migrated.
+    /// [`Error::InvalidRequest`] for bad options, a malformed URL (field `path`) or a ledger key
+    /// that does not match the database; [`Error::Unavailable`] when the file or server cannot be
+    /// opened or migrated.
     pub fn open(path: impl AsRef<Path>, options: KernelOptions) -> Result<Kernel> {
         if path.as_ref().as_os_str().is_empty() {
             // SQLite would open a throwaway temporary database for "", which no other kernel sees.
             return Err(Error::invalid("path", "must name a database file (or use an in-memory kernel)"));
+        }
+        if let Some(url) = path.as_ref().to_str().filter(|p| crate::store::postgres::is_url(p)) {
+            let store = crate::store::PgStore::open(url)?;
+            return Kernel::with_store(Box::new(store), options);
         }
         let store = SqliteStore::open(path.as_ref(), options.store)?;
         Kernel::with_store(Box::new(store), options)
@@ -277,7 +284,7 @@ impl Kernel {
         out.unwrap_or_else(|| Err(Error::Internal("transaction produced no result".into())))
     }
 
-    fn read<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn read<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
         self.check_process()?;
         let mut out = None;
         self.inner.store.read(&mut |tx| {

@@ -51,7 +51,7 @@ fn run_until_denied(k: &Kernel, token: &str, name: &str) -> i64 {
 fn eight_threads_admit_exactly_k_calls() {
     const K: i64 = 120;
     let dir = tempfile::tempdir().unwrap();
-    let k = file_kernel(&dir.path().join("aex.db"));
+    let k = open_shared(&shared_db(dir.path()));
     let token = Arc::new(agent(&k, "atlas", K * PER_CALL));
     let total = Arc::new(AtomicI64::new(0));
     let threads: Vec<_> = (0..8)
@@ -88,7 +88,7 @@ fn child_racer() {
     let db = std::env::var("AEX_TEST_DB").expect("run by four_processes_admit_exactly_k_calls");
     let token = std::env::var("AEX_TEST_TOKEN").expect("run by four_processes_admit_exactly_k_calls");
     let name = std::env::var("AEX_TEST_AGENT").unwrap_or_else(|_| "atlas".into());
-    let k = file_kernel(Path::new(&db));
+    let k = open_shared(&db);
     println!("{MARK}{}", run_until_denied(&k, &token, &name));
 }
 
@@ -96,10 +96,10 @@ fn child_racer() {
 fn four_processes_admit_exactly_k_calls() {
     const K: i64 = 400;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("aex.db");
-    let k = file_kernel(&db);
+    let db = shared_db(dir.path());
+    let k = open_shared(&db);
     let token = agent(&k, "atlas", K * PER_CALL);
-    let db_text = db.to_str().unwrap();
+    let db_text = db.as_str();
     let children = (0..4).map(|_| spawn_child("child_racer", &[("AEX_TEST_DB", db_text), ("AEX_TEST_TOKEN", &token)])).collect();
     let total = admitted_by(children);
     assert_eq!(total, K);
@@ -112,8 +112,8 @@ fn four_processes_admit_exactly_k_calls() {
 fn four_processes_share_a_team_budget_exactly() {
     const K: i64 = 200;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("aex.db");
-    let k = file_kernel(&db);
+    let db = shared_db(dir.path());
+    let k = open_shared(&db);
     k.create_team(&aex_core::TeamSpec::new("org", K * PER_CALL)).unwrap();
     let agents: Vec<(String, String)> = (0..2)
         .map(|i| {
@@ -122,7 +122,7 @@ fn four_processes_share_a_team_budget_exactly() {
             (name, k.create_agent(&spec).unwrap().token.expose().to_string())
         })
         .collect();
-    let db_text = db.to_str().unwrap();
+    let db_text = db.as_str();
     let children = (0..4)
         .map(|i| {
             let (name, token) = &agents[i % 2];

@@ -35,7 +35,7 @@ fn kernel(primary: &MockServer, secondary: &MockServer, request_timeout: Duratio
         dispatch: DispatchOptions { request_timeout, max_retries: 1, retry_base_delay: Duration::from_millis(1), ..Default::default() },
         ..Default::default()
     };
-    Kernel::open_in_memory(options).unwrap()
+    common::store_kernel(options)
 }
 
 fn chat_reply(model: &str) -> Value {
@@ -308,7 +308,7 @@ async fn an_unreachable_provider_returns_every_reservation() {
         dispatch: DispatchOptions { max_retries: 2, retry_base_delay: Duration::from_millis(1), ..Default::default() },
         ..Default::default()
     };
-    let k = Kernel::open_in_memory(options).unwrap();
+    let k = common::store_kernel(options);
     let token = k.create_agent(&AgentSpec::new("atlas", 1_000_000)).unwrap().token;
     let e = k.call_provider(token.expose(), chat("lost")).await.unwrap_err().error;
     assert_eq!(e.status(), 503, "{e}");

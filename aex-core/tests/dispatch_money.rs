@@ -27,7 +27,7 @@ fn kernel(primary: &str, secondary: &str, timeout: Duration, key_env: &str) -> K
         dispatch: DispatchOptions { request_timeout: timeout, max_retries: 2, retry_base_delay: Duration::from_millis(1), ..Default::default() },
         ..Default::default()
     };
-    Kernel::open_in_memory(options).unwrap()
+    common::store_kernel(options)
 }
 
 fn token(k: &Kernel, passthrough: bool) -> String {
@@ -385,7 +385,7 @@ async fn a_call_cancelled_before_sending_or_between_retries_costs_nothing() {
         dispatch: DispatchOptions { max_retries: 2, retry_base_delay: Duration::from_secs(60), ..Default::default() },
         ..Default::default()
     };
-    let k = Kernel::open_in_memory(options).unwrap();
+    let k = common::store_kernel(options);
     let t = token(&k, false);
 
     let up_front = chat(json!({}));
@@ -519,7 +519,7 @@ async fn a_connection_that_never_opens_is_released_even_with_a_short_request_tim
         },
         ..Default::default()
     };
-    let k = Kernel::open_in_memory(options).unwrap();
+    let k = common::store_kernel(options);
     let t = token(&k, false);
     let failure = k.call_provider(&t, chat(json!({}))).await.unwrap_err();
     assert!(failure.error.to_string().contains("cannot reach"), "{}", failure.error);

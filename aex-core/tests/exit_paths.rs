@@ -127,7 +127,7 @@ fn kernel(url: &str) -> Kernel {
         dispatch: DispatchOptions { request_timeout: Duration::from_millis(400), max_retries: 1, retry_base_delay: Duration::from_millis(1), ..Default::default() },
         ..Default::default()
     };
-    Kernel::open_in_memory(options).unwrap()
+    common::store_kernel(options)
 }
 
 async fn run(behaviour: Provider, stream: bool, caller: Caller) -> Result<(), TestCaseError> {

@@ -36,7 +36,7 @@ models:
 fn yaml_kernel(yaml: &str) -> (Kernel, ManualClock) {
     let clock = ManualClock::new(T0);
     let options = KernelOptions { config: Config::from_yaml(yaml).unwrap(), clock: Arc::new(clock.clone()), ..Default::default() };
-    (Kernel::open_in_memory(options).unwrap(), clock)
+    (common::store_kernel(options), clock)
 }
 
 fn spec(name: &str) -> AgentSpec {
@@ -195,7 +195,7 @@ fn the_tpm_window_holds_exactly_the_settled_tokens_after_commit_release_fail_and
         reservation_ttl_ms: 10_000, // expiries inside one window
         ..Default::default()
     };
-    let k = Kernel::open_in_memory(options).unwrap();
+    let k = common::store_kernel(options);
     let t = k.create_agent(&AgentSpec { tpm: Some(1_000), ..spec("a") }).unwrap().token.expose().to_string();
     let estimate = || AdmitRequest::new("mini").input_tokens(300).max_output_tokens(300); // 600 counted
     assert_window(&k, &clock, &t, 0);

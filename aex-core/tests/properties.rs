@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aex_core::{AdmitRequest, AgentSpec, Error, ExecutionState, Kernel, KernelOptions, ManualClock, TeamSpec, Usage, money};
+use aex_core::{AdmitRequest, AgentSpec, Error, ExecutionState, KernelOptions, ManualClock, TeamSpec, Usage, money};
 use common::*;
 use proptest::prelude::*;
 
@@ -123,7 +123,7 @@ fn name(i: usize) -> String {
 fn run(ops: Vec<Op>, budgets: [i64; AGENTS], team_budget: i64) {
     let clock = ManualClock::new(T0);
     let options = KernelOptions { reservation_ttl_ms: TTL, config: config(), clock: Arc::new(clock.clone()), ..Default::default() };
-    let k = Kernel::open_in_memory(options).unwrap();
+    let k = common::store_kernel(options);
     let cfg = config();
     let mut tokens = Vec::new();
     let mut m = Model {

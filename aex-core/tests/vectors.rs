@@ -2,11 +2,13 @@
 //! Python suites run the same files; all three must agree exactly. The format is described in
 //! `tests/vectors/README.md`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use aex_core::{Config, Kernel, KernelOptions, ManualClock, TeamSpec, wire};
+use aex_core::{Config, KernelOptions, ManualClock, TeamSpec, wire};
 use serde_json::{Value, json};
 
 fn vectors() -> Vec<(PathBuf, Value)> {
@@ -42,7 +44,7 @@ fn run(path: &std::path::Path, v: &Value) {
     if let Some(ttl) = v["reservation_ttl_ms"].as_i64() {
         options.reservation_ttl_ms = ttl;
     }
-    let k = Kernel::open_in_memory(options).unwrap();
+    let k = common::store_kernel(options);
     let mut names: HashMap<String, String> = HashMap::new();
     let lookup = |names: &HashMap<String, String>, key: &str| names.get(key).cloned().unwrap_or_else(|| key.to_string());
 

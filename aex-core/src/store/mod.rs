@@ -5,14 +5,17 @@
 //! reservation of an admission see and change the same state; nothing read in one transaction is
 //! trusted in the next. A read transaction sees one consistent snapshot.
 //!
-//! [`SqliteStore`] is the embedded implementation. A server-backed store for multi-machine fleets
-//! implements the same two traits and the rules above it stay unchanged.
+//! [`SqliteStore`] is the embedded implementation; [`PgStore`] serves fleets on many machines
+//! from one PostgreSQL database. Both implement the same two traits, and the rules above them are
+//! the same.
 
 pub mod files;
 pub mod ofd;
+pub mod postgres;
 mod side_lock;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::{DEFAULT_MAX_BATCH, Durability, SqliteStore, StoreOptions};
 
 use crate::agent::Agent;
@@ -55,11 +58,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         Vec::new()
     }
 
-    /// Runs `f` over one consistent snapshot; it must not write.
+    /// Runs `f` over one consistent snapshot; it must not write. An implementation may run `f`
+    /// on another thread while the caller waits.
     ///
     /// # Errors
     /// As [`Store::write`].
-    fn read(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()>;
+    fn read(&self, f: &mut (dyn FnMut(&mut dyn Tx) -> Result<()> + Send)) -> Result<()>;
 }
 
 /// How many writes a store has run, in how many transactions: the group-commit ratio.

@@ -612,7 +612,7 @@ impl Store for SqliteStore {
         self.warnings.clone()
     }
 
-    fn read(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
+    fn read(&self, f: &mut (dyn FnMut(&mut dyn Tx) -> Result<()> + Send)) -> Result<()> {
         if let Some(reader) = &self.reader {
             let conn = reader.lock();
             conn.execute_batch("BEGIN DEFERRED")?;

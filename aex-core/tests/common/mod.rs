@@ -31,10 +31,24 @@ pub fn options(clock: &ManualClock) -> KernelOptions {
     KernelOptions { config: config(), clock: Arc::new(clock.clone()), ..Default::default() }
 }
 
-/// An in-memory kernel on a manual clock.
+/// An in-memory kernel on a manual clock (on the conformance store: see [`store_kernel`]).
 pub fn kernel() -> (Kernel, ManualClock) {
     let clock = ManualClock::new(T0);
-    (Kernel::open_in_memory(options(&clock)).unwrap(), clock)
+    (store_kernel(options(&clock)), clock)
+}
+
+/// The environment variable naming a PostgreSQL server (a URL to a database its user may create
+/// databases from) to run the conformance tests against instead of SQLite.
+pub const POSTGRES: &str = "AEX_TEST_POSTGRES";
+
+/// A fresh kernel on the store under test: a private in-memory SQLite database, or, when
+/// [`POSTGRES`] names a server, a new PostgreSQL database of its own on that server. The tests
+/// that call this are the conformance suite: one rule, tested once, run against both stores.
+pub fn store_kernel(options: KernelOptions) -> Kernel {
+    match std::env::var(POSTGRES) {
+        Ok(admin) if !admin.is_empty() => Kernel::open(new_postgres_db(&admin), options).unwrap(),
+        _ => Kernel::open_in_memory(options).unwrap(),
+    }
 }
 
 /// A kernel on a file in `dir`, with the system clock and `normal` durability.
@@ -45,6 +59,36 @@ pub fn file_kernel(path: &std::path::Path) -> Kernel {
         ..Default::default()
     };
     Kernel::open(path, options).unwrap()
+}
+
+/// A new database that several kernels (threads, processes) can open with [`open_shared`]: a
+/// file in `dir`, or, when [`POSTGRES`] names a server, a new PostgreSQL database on it.
+pub fn shared_db(dir: &std::path::Path) -> String {
+    match std::env::var(POSTGRES) {
+        Ok(admin) if !admin.is_empty() => new_postgres_db(&admin),
+        _ => dir.join("aex.db").to_str().unwrap().to_string(),
+    }
+}
+
+/// A kernel on a database from [`shared_db`] (`normal` durability for a file).
+pub fn open_shared(db: &str) -> Kernel {
+    file_kernel(std::path::Path::new(db))
+}
+
+/// Creates an empty database on the server `admin` names and returns its URL.
+pub fn new_postgres_db(admin: &str) -> String {
+    let name = format!("aex_test_{}", uuid::Uuid::now_v7().simple());
+    // On a thread of its own: the driver must not run inside a test's async runtime.
+    let create = format!("CREATE DATABASE {name}");
+    let url = admin.to_string();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("reach the test server");
+        client.batch_execute(&create).expect("create a test database");
+    })
+    .join()
+    .unwrap();
+    let (base, _) = admin.rsplit_once('/').expect("a URL ending in a database name");
+    format!("{base}/{name}")
 }
 
 /// Creates an agent and returns its token text.

@@ -7,6 +7,8 @@
 //! aex-bench auth        unknown-token refusals: a near miss against a random guess
 //! aex-bench gateway     a chat call through `aex serve` against the same call made directly,
 //!                       at 1 and 64 concurrent clients
+//! aex-bench postgres    admit + commit on a PostgreSQL server (AEX_BENCH_POSTGRES: its admin
+//!                       URL): 1 and 8 threads, 4 processes
 //! ```
 //!
 //! Every row: `surface`, `case`, `durability`, `threads`, `processes`, `calls`, `p50_us`,
@@ -143,13 +145,19 @@ fn child(db: &str, durability: &str, calls: usize, go: &str) {
 fn processes(durability: &str, n: usize) -> (Vec<f64>, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("bench.db");
-    drop(open(&db, durability, 1));
+    processes_on(db.to_str().unwrap(), durability, n)
+}
+
+/// [`processes`] on the database `db` names (a file, or a PostgreSQL URL).
+fn processes_on(db: &str, durability: &str, n: usize) -> (Vec<f64>, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(Path::new(db), durability, 1));
     let go = dir.path().join("go");
     let calls = calls_for(durability) / n;
     let mut children: Vec<_> = (0..n)
         .map(|_| {
             Command::new(std::env::current_exe().unwrap())
-                .args(["child", db.to_str().unwrap(), durability, &calls.to_string(), go.to_str().unwrap()])
+                .args(["child", db, durability, &calls.to_string(), go.to_str().unwrap()])
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap()
@@ -197,6 +205,51 @@ fn rust_rows() {
             emit(&row("rust", "admit+commit", durability, 1, n, m, wall));
         }
     }
+}
+
+/// A new database on the PostgreSQL server `admin` names; its URL.
+fn postgres_db(admin: &str) -> String {
+    let name = format!("aex_bench_{}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos());
+    postgres::Client::connect(admin, postgres::NoTls).unwrap().batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
+}
+
+/// The fleet store: admit + commit on a PostgreSQL server (`AEX_BENCH_POSTGRES`, an admin URL)
+/// from one thread, from eight threads each with its own kernel (its own connection), and from
+/// four processes.
+fn postgres_rows() {
+    let Ok(admin) = std::env::var("AEX_BENCH_POSTGRES") else {
+        eprintln!("aex-bench postgres: set AEX_BENCH_POSTGRES to a server's admin URL (scripts/postgres starts one)");
+        std::process::exit(2);
+    };
+    let calls = (2_000.0 * scale()).max(50.0) as usize;
+    let req = request();
+    for threads in [1, 8] {
+        let db = postgres_db(&admin);
+        let kernels: Vec<Kernel> = (0..threads).map(|_| open(Path::new(&db), "full", 1)).collect();
+        let tokens: Vec<String> = (0..threads)
+            .map(|i| kernels[0].create_agent(&AgentSpec::new(format!("t{i}"), money::MAX_MICRO)).unwrap().token.expose().to_string())
+            .collect();
+        for (k, t) in kernels.iter().zip(&tokens) {
+            one_call(k, t, &req);
+        }
+        let per_thread = calls / threads;
+        let start = Instant::now();
+        let micros: Vec<f64> = std::thread::scope(|s| {
+            let handles: Vec<_> = kernels
+                .iter()
+                .zip(&tokens)
+                .map(|(k, t)| {
+                    let req = &req;
+                    s.spawn(move || (0..per_thread).map(|_| one_call(k, t, req)).collect::<Vec<f64>>())
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        emit(&row("rust", "admit+commit on PostgreSQL (loopback)", "server", threads, 1, micros, start.elapsed()));
+    }
+    let (m, wall) = processes_on(&postgres_db(&admin), "full", 4);
+    emit(&row("rust", "admit+commit on PostgreSQL (loopback)", "server", 1, 4, m, wall));
 }
 
 /// A governed call against a direct reqwest call to the same loopback server, interleaved.
@@ -471,9 +524,10 @@ fn main() {
         ["http-hop"] => http_hop_row(),
         ["auth"] => auth_rows(),
         ["gateway"] => gateway_rows(),
+        ["postgres"] => postgres_rows(),
         ["child", db, durability, calls, go] => child(db, durability, calls.parse().unwrap(), go),
         _ => {
-            eprintln!("usage: aex-bench rust | dispatch | http-hop | auth | gateway");
+            eprintln!("usage: aex-bench rust | dispatch | http-hop | auth | gateway | postgres");
             std::process::exit(2);
         }
     }
