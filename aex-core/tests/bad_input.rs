@@ -114,6 +114,8 @@ fn bad_settlements() {
     refused(&k, "usage.cached_input_tokens", |k| k.commit(&id, cached).map(|_| ()));
     refused(&k, "reason", |k| k.release(&id, &"r".repeat(1025)).map(|_| ()));
     refused(&k, "error", |k| k.fail(&id, &"e".repeat(1025)).map(|_| ()));
+    refused(&k, "reason", |k| k.release(&id, "not\0sent").map(|_| ()));
+    refused(&k, "error", |k| k.fail(&id, "\0").map(|_| ()));
     // Still open and settleable after all that.
     k.commit(&id, Usage::new(10, 10)).unwrap();
 }
@@ -172,4 +174,18 @@ fn bad_options() {
     let bad = aex_core::ModelSpec::priced(aex_core::Prices { input: 0, output: 0, cached_input: None }, 0);
     let e = aex_core::Config::new().with_model("m", bad).unwrap_err();
     assert!(matches!(e, Error::InvalidRequest { ref field, .. } if field == "models.m.max_output_tokens"), "{e}");
+}
+
+#[test]
+fn a_file_whose_schema_version_aex_never_wrote_is_refused() {
+    // SQLite's user_version is a signed header field; a damaged or foreign file may hold any
+    // value. Found by fuzzing `audit_corrupt`: a negative one was used as an index.
+    for version in [-5_i64, i64::from(i32::MIN), 1_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.db");
+        rusqlite::Connection::open(&path).unwrap().pragma_update(None, "user_version", version).unwrap();
+        let e = Kernel::open(&path, aex_core::KernelOptions::default()).unwrap_err();
+        assert!(matches!(e, aex_core::Error::Unavailable(_)), "{version}: {e:?}");
+        assert!(e.to_string().contains("schema version"), "{e}");
+    }
 }

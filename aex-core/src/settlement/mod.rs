@@ -152,6 +152,11 @@ fn check_reason(field: &str, text: &str) -> Result<()> {
     if text.len() > MAX_REASON_LEN {
         return Err(Error::invalid(field, format!("must be at most {MAX_REASON_LEN} bytes")));
     }
+    // A NUL cannot be stored as text by every store (PostgreSQL refuses it), and a settlement
+    // refused by the store would be retried in vain until the TTL rule charged it in full.
+    if text.contains('\0') {
+        return Err(Error::invalid(field, "must not contain a NUL character"));
+    }
     Ok(())
 }
 

@@ -15,9 +15,17 @@
 //! connection lost during `COMMIT` — is reported as `Unavailable` too; retrying with the same
 //! execution id never charges twice (idempotency).
 //!
-//! Credentials come from the URL, or the usual `PG*` variables where the URL leaves them out
-//! (`PGPASSWORD`, `PGUSER`, `PGHOST`, `PGPORT`, `PGDATABASE`), and never reach errors, logs or
-//! `Debug` output.
+//! Credentials come from the URL and never reach errors, logs or `Debug` output.
+//!
+//! Every wait is bounded, as with SQLite: connecting (10 s unless the URL says otherwise), the
+//! write lock (`lock_timeout`, 10 s), a statement (30 s), and a transaction left idle by a stalled
+//! process (the server ends it after 30 s, releasing the lock); TCP keepalives notice a vanished
+//! peer. Commits wait for the server's durable commit (`synchronous_commit = on`); what survives
+//! a server crash is then the server's `fsync` and replication settings.
+//!
+//! Each kernel reads its own clock for expiry, rate windows and budget periods, so the machines of
+//! a fleet must keep their clocks in step (NTP): a machine ahead by Δ expires others'
+//! reservations Δ early.
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -51,8 +59,13 @@ const WRITE_LOCK: i64 = 0x0061_6578;
 /// The advisory lock held while the schema is created or migrated.
 const SCHEMA_LOCK: i64 = 0x0061_6578_0001;
 
+/// Session settings of every connection: bounded waits (see the module docs) and durable
+/// commits whatever the server's default.
+const SESSION: &str = "SET lock_timeout = '10s'; SET statement_timeout = '30s'; \
+     SET idle_in_transaction_session_timeout = '30s'; SET synchronous_commit = on";
+
 /// The schema, one entry per version; `aex_schema.version` holds how many are applied.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE aex_schema (version INTEGER NOT NULL);
 INSERT INTO aex_schema (version) VALUES (0);
 
@@ -63,7 +76,7 @@ CREATE TABLE meta (
 
 CREATE TABLE agents (
     id                BIGSERIAL PRIMARY KEY,
-    name              TEXT    NOT NULL UNIQUE,
+    name              TEXT    COLLATE "C" NOT NULL UNIQUE,
     token_hash        BYTEA   NOT NULL UNIQUE,
     token_prefix      TEXT    NOT NULL,
     scope             TEXT    NOT NULL,
@@ -92,7 +105,7 @@ CREATE TABLE agents (
 
 CREATE TABLE teams (
     id             BIGSERIAL PRIMARY KEY,
-    name           TEXT   NOT NULL UNIQUE,
+    name           TEXT   COLLATE "C" NOT NULL UNIQUE,
     parent_id      BIGINT,
     budget_micro   BIGINT NOT NULL,
     spent_micro    BIGINT NOT NULL,
@@ -111,7 +124,7 @@ CREATE TABLE rate_buckets (
 );
 
 CREATE TABLE executions (
-    id                 TEXT   PRIMARY KEY,
+    id                 TEXT   COLLATE "C" PRIMARY KEY,
     agent_id           BIGINT NOT NULL,
     agent              TEXT   NOT NULL,
     request_hash       BYTEA  NOT NULL,
@@ -137,6 +150,7 @@ CREATE TABLE executions (
     rate_tokens        BIGINT NOT NULL
 );
 
+-- Text that is ordered (names, execution ids) sorts by bytes, as SQLite sorts it.
 -- Open reservations by expiry, as in the SQLite schema.
 CREATE INDEX executions_due ON executions (expires_at_ms) WHERE state IN ('RESERVED', 'DISPATCHED');
 
@@ -158,7 +172,7 @@ CREATE TRIGGER ledger_append_only BEFORE UPDATE OR DELETE ON ledger
     FOR EACH ROW EXECUTE FUNCTION aex_ledger_append_only();
 CREATE TRIGGER ledger_no_truncate BEFORE TRUNCATE ON ledger
     FOR EACH STATEMENT EXECUTE FUNCTION aex_ledger_append_only();
-"];
+"#];
 
 /// The tables of aex's schema: a database holding one of them without `aex_schema` is not
 /// aex's (or is half-made by hand), and is refused.
@@ -171,6 +185,8 @@ pub struct PgStore {
     /// Work for the connection's thread; `None` once dropping.
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     worker: Option<std::thread::JoinHandle<()>>,
+    /// The process that started the thread: it exists only there.
+    pid: u32,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -184,6 +200,11 @@ impl Drop for PgStore {
         // Closing the queue ends the thread, which closes the connection.
         self.jobs.lock().take();
         if let Some(worker) = self.worker.take() {
+            if self.pid != std::process::id() {
+                // A forked child: the thread was not copied, so joining would wait forever.
+                std::mem::forget(worker);
+                return;
+            }
             let _ = worker.join();
         }
     }
@@ -194,6 +215,15 @@ struct Link {
     config: postgres::Config,
     place: String,
     conn: Option<Conn>,
+}
+
+/// The connection settings aex adds where the URL sets none: a bounded connect and keepalives.
+fn bounded(mut config: postgres::Config) -> postgres::Config {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(30));
+    config
 }
 
 /// One connection and its prepared statements.
@@ -226,9 +256,13 @@ impl PgStore {
         let config: postgres::Config = url
             .parse()
             .map_err(|e: postgres::Error| Error::invalid("path", format!("is not a valid PostgreSQL URL ({})", redact(&e.to_string(), url))))?;
+        // A password with an unencoded '@' would leave part of itself in the host name.
+        if config.get_hosts().iter().any(|h| matches!(h, postgres::config::Host::Tcp(h) if h.contains('@'))) {
+            return Err(Error::invalid("path", "is not a valid PostgreSQL URL (percent-encode '@' in the password as %40)"));
+        }
         let place = describe(&config);
         let (jobs, queue) = mpsc::channel::<Job>();
-        let mut link = Link { config, place: place.clone(), conn: None };
+        let mut link = Link { config: bounded(config), place: place.clone(), conn: None };
         let worker = std::thread::Builder::new()
             .name("aex-postgres".into())
             .spawn(move || {
@@ -242,7 +276,7 @@ impl PgStore {
                 }
             })
             .map_err(|e| Error::Unavailable(format!("cannot start the PostgreSQL connection's thread: {e}")))?;
-        let store = PgStore { place, jobs: Mutex::new(Some(jobs)), worker: Some(worker) };
+        let store = PgStore { place, jobs: Mutex::new(Some(jobs)), worker: Some(worker), pid: std::process::id() };
         store.migrate()?;
         Ok(store)
     }
@@ -300,10 +334,11 @@ impl Link {
             self.conn = None;
         }
         if self.conn.is_none() {
-            let client = self
+            let mut client = self
                 .config
                 .connect(NoTls)
                 .map_err(|e| Error::Unavailable(format!("cannot connect to PostgreSQL at {}: {}", self.place, plain(&e))))?;
+            client.batch_execute(SESSION).map_err(|e| pg(&e))?;
             self.conn = Some(Conn { client, statements: HashMap::new() });
         }
         let conn = self.conn.as_mut().expect("connected above");
@@ -323,7 +358,14 @@ fn migrate_locked(client: &mut Client) -> Result<()> {
     let version: i64 = if has(client, "aex_schema")? {
         client.query_one("SELECT version::BIGINT FROM aex_schema", &[]).map_err(|e| pg(&e))?.get(0)
     } else {
-        if let Some(t) = TABLES.iter().find(|t| has(client, t).unwrap_or(true)) {
+        let mut found = None;
+        for t in TABLES {
+            if has(client, t)? {
+                found = Some(t);
+                break;
+            }
+        }
+        if let Some(t) = found {
             return Err(Error::Unavailable(format!(
                 "this PostgreSQL database is not aex's: it has a table '{t}' but no aex schema; use an empty database"
             )));

@@ -409,6 +409,10 @@ impl SqliteStore {
                     "database schema version {version} is newer than this aex understands ({known}); upgrade aex"
                 )));
             }
+            if version < 0 {
+                // The header's user_version is a signed field: a damaged or foreign file.
+                return Err(Error::Unavailable(format!("database schema version {version} is not one aex ever wrote")));
+            }
             for sql in &MIGRATIONS[version as usize..] {
                 conn.execute_batch(sql)?;
             }
