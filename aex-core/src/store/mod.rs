@@ -9,6 +9,7 @@
 //! from one PostgreSQL database. Both implement the same two traits, and the rules above them are
 //! the same.
 
+mod columns;
 pub mod files;
 pub mod ofd;
 pub mod postgres;

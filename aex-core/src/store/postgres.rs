@@ -36,6 +36,7 @@ use parking_lot::{Condvar, Mutex};
 use postgres::types::ToSql;
 use postgres::{Client, NoTls, Row, Statement, Transaction};
 
+use super::columns::{blob32, limit_u32, seal_from, select_agents, select_executions, select_teams};
 use super::{Store, Tx};
 use crate::agent::{Agent, Capabilities};
 use crate::auth::{Scope, TokenHash};
@@ -534,34 +535,6 @@ fn get<'r, T: postgres::types::FromSql<'r>>(row: &'r Row, i: usize) -> Result<T>
     row.try_get(i).map_err(|e| Error::Unavailable(format!("PostgreSQL returned an unreadable column {i}: {e}")))
 }
 
-fn limit_u32(v: Option<i64>) -> Option<u32> {
-    v.map(|v| u32::try_from(v.max(0)).unwrap_or(u32::MAX))
-}
-
-fn blob32(v: Vec<u8>) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    let n = v.len().min(32);
-    out[..n].copy_from_slice(&v[..n]);
-    out
-}
-
-fn seal_from(text: Option<String>, tag: Option<Vec<u8>>) -> Option<Seal> {
-    Some(Seal { text: text?, tag: tag? })
-}
-
-/// `SELECT <agent columns> FROM agents <rest>`.
-macro_rules! select_agents {
-    ($rest:literal) => {
-        concat!(
-            "SELECT id, name, token_prefix, scope, ttl_ms, expires_at_ms, disabled, budget_micro, spent_micro, ",
-            "reserved_micro, rpm, tpm, allowed_models, allow_tools, allow_streaming, allow_vision, strict, ",
-            "allow_passthrough, max_concurrent, budget_period, period_start_ms, team_id, ",
-            "(SELECT t.name FROM teams t WHERE t.id = agents.team_id) AS team_name, created_at_ms, token_hash, seal, seal_tag FROM agents ",
-            $rest
-        )
-    };
-}
-
 fn agent_from_row(r: &Row) -> Result<Agent> {
     let scope: String = get(r, 3)?;
     let models: String = get(r, 12)?;
@@ -591,16 +564,6 @@ fn agent_from_row(r: &Row) -> Result<Agent> {
     })
 }
 
-macro_rules! select_teams {
-    ($rest:literal) => {
-        concat!(
-            "SELECT id, name, parent_id, (SELECT p.name FROM teams p WHERE p.id = teams.parent_id) AS parent_name, budget_micro, ",
-            "spent_micro, reserved_micro, created_at_ms, seal, seal_tag FROM teams ",
-            $rest
-        )
-    };
-}
-
 fn team_from_row(r: &Row) -> Result<Team> {
     Ok(Team {
         id: get(r, 0)?,
@@ -612,18 +575,6 @@ fn team_from_row(r: &Row) -> Result<Team> {
         reserved_micro: get(r, 6)?,
         created_at_ms: get(r, 7)?,
     })
-}
-
-macro_rules! select_executions {
-    ($rest:literal) => {
-        concat!(
-            "SELECT id, agent_id, agent, request_hash, state, model, input_tokens, max_output_tokens, input_price, ",
-            "output_price, cached_input_price, reserved_micro, cost_micro, usage_input, usage_output, ",
-            "usage_cached_input, reason, created_at_ms, expires_at_ms, dispatched_at_ms, settled_at_ms, teams, ",
-            "rate_scopes, rate_tokens FROM executions ",
-            $rest
-        )
-    };
 }
 
 fn execution_from_row(r: &Row) -> Result<Execution> {

@@ -32,6 +32,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use super::columns::{blob32, limit_u32, seal_from, select_agents, select_executions, select_teams};
 use super::side_lock::{SideGuard, SideLock};
 use super::{Store, Tx, WriteStats, files};
 use crate::agent::{Agent, Capabilities};
@@ -684,28 +685,6 @@ impl<'c> SqliteTx<'c> {
     }
 }
 
-/// `SELECT <agent columns> FROM agents <rest>`, as a literal so statement lookup costs no
-/// formatting.
-macro_rules! select_agents {
-    ($rest:literal) => {
-        concat!(
-            "SELECT id, name, token_prefix, scope, ttl_ms, expires_at_ms, disabled, budget_micro, spent_micro, ",
-            "reserved_micro, rpm, tpm, allowed_models, allow_tools, allow_streaming, allow_vision, strict, ",
-            "allow_passthrough, max_concurrent, budget_period, period_start_ms, team_id, ",
-            "(SELECT name FROM teams WHERE teams.id = agents.team_id), created_at_ms, token_hash, seal, seal_tag FROM agents ",
-            $rest
-        )
-    };
-}
-
-/// A limit column as the rules hold it. A value edited out of range by hand reads as the nearest
-/// one in range — below zero as 0 (nothing passes: a restriction), above as the largest (a
-/// loosening) — so the row reaches the seal check, which records or refuses it, instead of
-/// failing every read of the table.
-fn limit_u32(v: Option<i64>) -> Option<u32> {
-    v.map(|v| u32::try_from(v.max(0)).unwrap_or(u32::MAX))
-}
-
 fn agent_from_row(r: &Row<'_>) -> rusqlite::Result<Agent> {
     let scope: String = r.get(3)?;
     let models: String = r.get(12)?;
@@ -735,16 +714,6 @@ fn agent_from_row(r: &Row<'_>) -> rusqlite::Result<Agent> {
     })
 }
 
-macro_rules! select_teams {
-    ($rest:literal) => {
-        concat!(
-            "SELECT id, name, parent_id, (SELECT p.name FROM teams p WHERE p.id = teams.parent_id), budget_micro, ",
-            "spent_micro, reserved_micro, created_at_ms, seal, seal_tag FROM teams ",
-            $rest
-        )
-    };
-}
-
 fn team_from_row(r: &Row<'_>) -> rusqlite::Result<Team> {
     Ok(Team {
         id: r.get(0)?,
@@ -756,19 +725,6 @@ fn team_from_row(r: &Row<'_>) -> rusqlite::Result<Team> {
         reserved_micro: r.get(6)?,
         created_at_ms: r.get(7)?,
     })
-}
-
-/// `SELECT <execution columns> FROM executions <rest>`, as a literal.
-macro_rules! select_executions {
-    ($rest:literal) => {
-        concat!(
-            "SELECT id, agent_id, agent, request_hash, state, model, input_tokens, max_output_tokens, input_price, ",
-            "output_price, cached_input_price, reserved_micro, cost_micro, usage_input, usage_output, ",
-            "usage_cached_input, reason, created_at_ms, expires_at_ms, dispatched_at_ms, settled_at_ms, teams, ",
-            "rate_scopes, rate_tokens FROM executions ",
-            $rest
-        )
-    };
 }
 
 fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
@@ -809,20 +765,6 @@ fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
     })
 }
 
-/// A 32-byte digest column. A tampered value of the wrong length still loads (padded or cut), so
-/// the check that reads it reports the mismatch.
-fn blob32(v: Vec<u8>) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    let n = v.len().min(32);
-    out[..n].copy_from_slice(&v[..n]);
-    out
-}
-
-/// A seal from its two columns; `None` when either is missing.
-fn seal_from(text: Option<String>, tag: Option<Vec<u8>>) -> Option<Seal> {
-    Some(Seal { text: text?, tag: tag? })
-}
-
 fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
     Ok(Event {
         seq: r.get::<_, i64>(0)?.max(0) as u64,
@@ -855,7 +797,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn agents(&mut self) -> Result<Vec<Agent>> {
-        let sql = select_agents!("ORDER BY name");
+        let sql = select_agents!("ORDER BY agents.name");
         let mut stmt = self.conn.prepare_cached(sql)?;
         let rows = stmt.query_map([], agent_from_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -1000,7 +942,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn teams(&mut self) -> Result<Vec<Team>> {
-        let mut stmt = self.conn.prepare_cached(select_teams!("ORDER BY name"))?;
+        let mut stmt = self.conn.prepare_cached(select_teams!("ORDER BY teams.name"))?;
         let rows = stmt.query_map([], team_from_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
