@@ -34,6 +34,23 @@ def default_home() -> Path:
     return Path(os.environ.get("AEX_HOME") or Path.home() / ".aex")
 
 
+def is_database_url(db: str) -> bool:
+    """Whether ``db`` names a PostgreSQL database (``postgresql://…`` or ``postgres://…``) rather
+    than a SQLite file."""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def shown(db: str) -> str:
+    """``db`` as it may be printed: a URL's password replaced by ``***``."""
+    if not is_database_url(db):
+        return db
+    scheme, rest = db.split("://", 1)
+    auth, at, place = rest.rpartition("@")
+    if at and ":" in auth:
+        auth = auth.split(":", 1)[0] + ":***"
+    return f"{scheme}://{auth}{at}{place}"
+
+
 def make_private_dir(path: Path) -> None:
     """Creates ``path`` (and its parents) if missing; ``path`` itself as 0700, whatever the umask."""
     if not path.is_dir():
@@ -57,14 +74,20 @@ class Kernel(_aex.Kernel):
     @classmethod
     def open(cls, home: Union[str, os.PathLike[str], None] = None, **kwargs: Any) -> "Kernel":
         """Opens ``~/.aex/aex.db`` (or ``home``/aex.db), with ``models.yaml`` beside it if present.
+        Without ``home``, ``$AEX_DB`` names the database when set: a file, or a
+        ``postgresql://`` URL for a fleet (the config is then ``~/.aex/models.yaml``, if present).
         A directory it creates is private (0700); an existing one is left as it is (see
         ``warnings()``)."""
         base = Path(home) if home is not None else default_home()
-        make_private_dir(base)
+        db = os.environ.get("AEX_DB") if home is None else None
+        if db and not is_database_url(db):
+            base = Path(db).parent
+        if not (db and is_database_url(db)):
+            make_private_dir(base)
         config = base / "models.yaml"
         if "config" not in kwargs and "config_yaml" not in kwargs and config.exists():
             kwargs["config"] = str(config)
-        return cls(str(base / "aex.db"), **kwargs)
+        return cls(db or str(base / "aex.db"), **kwargs)
 
     def admit_call(
         self,

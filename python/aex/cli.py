@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import __version__, check_config, format_usd
-from ._kernel import Kernel, default_home, make_private_dir
+from ._kernel import Kernel, default_home, is_database_url, make_private_dir, shown
 from .errors import AexError
 
 _HOUR_MS = 3_600_000
@@ -113,14 +113,20 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 class Cli:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.db = Path(args.db or os.environ.get("AEX_DB") or default_home() / "aex.db")
+        db = args.db or os.environ.get("AEX_DB") or str(default_home() / "aex.db")
+        # A PostgreSQL URL for a fleet, or a SQLite file (then its directory is aex's home).
+        self.url: Optional[str] = db if is_database_url(db) else None
+        self.target = db
+        self.db = Path(db) if self.url is None else default_home() / "aex.db"
+        self.shown = shown(db)
         config = args.config or os.environ.get("AEX_CONFIG")
         beside = self.db.parent / "models.yaml"
         self.config: Optional[Path] = Path(config) if config else (beside if beside.exists() else None)
 
     def kernel(self) -> Kernel:
-        make_private_dir(self.db.parent)
-        k = Kernel(str(self.db), config=str(self.config) if self.config else None)
+        if self.url is None:
+            make_private_dir(self.db.parent)
+        k = Kernel(self.target, config=str(self.config) if self.config else None)
         for warning in self.warnings(k):
             print(f"aex: warning: {warning}", file=sys.stderr)
         return k
@@ -129,7 +135,7 @@ class Cli:
         """The kernel's warnings about its files, and aex's home directory if others can enter it."""
         out = list(k.warnings())
         home = self.db.parent
-        if home.resolve() == default_home().resolve():
+        if self.url is None and home.resolve() == default_home().resolve():
             mode = home.stat().st_mode & 0o777
             if mode & 0o077:
                 out.append(f"{home} is accessible by other users (mode {mode:04o}): run chmod 700 on it")
@@ -158,20 +164,20 @@ class Cli:
                 check("config", "fail", f"{self.config}: {e.message}")
         started = time.monotonic()
         k: Optional[Kernel] = None
-        if not self.db.exists():
+        if self.url is None and not self.db.exists():
             # Looking must not create: a mistyped --db would otherwise pass as a new, empty database.
             check("database", "fail", f"no database at {self.db} (aex init creates one)")
         else:
             try:
-                k = Kernel(str(self.db), config=str(self.config) if config is not None and self.config else None)
+                k = Kernel(self.target, config=str(self.config) if config is not None and self.config else None)
             except AexError as e:
-                check("database", "fail", f"{self.db}: {e.message}")
+                check("database", "fail", f"{self.shown}: {e.message}")
                 if e.status == 503:
                     check("lock", "fail", f"gave up after {time.monotonic() - started:.1f} s: another process holds the database")
         opened = time.monotonic() - started
         if k is not None:
             config = k.models()
-            check("database", "ok", f"{self.db}: schema version {k.schema_version()}, opened in {opened * 1000:.0f} ms")
+            check("database", "ok", f"{self.shown}: schema version {k.schema_version()}, opened in {opened * 1000:.0f} ms")
             if opened > 1.0:
                 check("lock", "warn", f"opening waited {opened:.1f} s for the database: another process holds it for long")
             else:
@@ -184,8 +190,9 @@ class Cli:
             else:
                 check("audit", "fail", f"{report['failure']['rule']}: {report['failure']['message']}")
             wal = Path(str(self.db) + "-wal")
-            size = wal.stat().st_size if wal.exists() else 0
-            check("wal", "warn" if size > 64 << 20 else "ok", f"{size / (1 << 20):.1f} MiB" + (": a long-lived reader may be starving checkpoints" if size > 64 << 20 else ""))
+            size = wal.stat().st_size if self.url is None and wal.exists() else 0
+            if self.url is None:
+                check("wal", "warn" if size > 64 << 20 else "ok", f"{size / (1 << 20):.1f} MiB" + (": a long-lived reader may be starving checkpoints" if size > 64 << 20 else ""))
         if config is not None:
             passthrough = k is not None and any(a["allow_passthrough"] for a in k.list_agents())
             for name, p in sorted(config.get("providers", {}).items()):
@@ -223,7 +230,7 @@ class Cli:
         signal.signal(signal.SIGTERM, stop)
 
         def ready(url: str) -> None:
-            print(f"aex serve: listening on {url} (database {self.db})", flush=True)
+            print(f"aex serve: listening on {url} (database {self.shown})", flush=True)
 
         try:
             k.serve(a.host, a.port, admin_token=admin_token, config_path=str(self.config) if self.config else None, ready=ready)
@@ -244,8 +251,8 @@ class Cli:
             wrote = True
         self.config = models
         k = self.kernel()
-        data = {"db": str(self.db), "config": str(models), "config_written": wrote, "models": len(k.models()["models"])}
-        self.out(data, f"database  {self.db}\nconfig    {models}{' (written)' if wrote else ' (kept)'}\nmodels    {data['models']}")
+        data = {"db": self.shown, "config": str(models), "config_written": wrote, "models": len(k.models()["models"])}
+        self.out(data, f"database  {self.shown}\nconfig    {models}{' (written)' if wrote else ' (kept)'}\nmodels    {data['models']}")
         return 0
 
     def agent_create(self) -> int:
@@ -355,7 +362,7 @@ class Cli:
     def status(self) -> int:
         k = self.kernel()
         data = {
-            "version": __version__, "db": str(self.db), "config": str(self.config) if self.config else None,
+            "version": __version__, "db": self.shown, "config": str(self.config) if self.config else None,
             "config_hash": k.config_hash(), "models": len(k.models()["models"]), "head": k.head(),
             "agents": len(k.list_agents()), "teams": len(k.list_teams()),
         }
@@ -409,7 +416,7 @@ class Cli:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aex", description="Operate aex: agents, budgets, the ledger.")
-    p.add_argument("--db", help="database file (default: $AEX_DB or ~/.aex/aex.db)")
+    p.add_argument("--db", help="database file, or a postgresql:// URL for a fleet (default: $AEX_DB or ~/.aex/aex.db)")
     p.add_argument("--config", help="models.yaml (default: $AEX_CONFIG or models.yaml beside the database)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     sub = p.add_subparsers(dest="command", required=True)

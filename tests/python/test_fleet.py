@@ -76,3 +76,35 @@ def test_a_bad_url_names_the_problem_and_never_the_password():
     with pytest.raises(aex.Unavailable) as e:
         aex.Kernel("postgresql://aex:hunter2-secret@127.0.0.1:1/db?connect_timeout=2")
     assert "127.0.0.1:1/db" in str(e.value) and "hunter2-secret" not in str(e.value) + repr(e.value)
+
+
+def test_the_cli_and_kernel_open_take_a_url_from_db_or_aex_db_and_never_print_its_password(server, tmp_path):
+    from conftest import run_cli
+
+    import json
+    import sys
+
+    # The test server trusts loopback, so any password is accepted: one to look for in output.
+    url = new_database(server).replace("aex@", "aex:hunter2-secret@", 1)
+    config = tmp_path / "models.yaml"
+    config.write_text(MODELS)
+    created = json.loads(run_cli("--json", "--config", str(config), "agent", "create", "atlas", "2.00", "60", db=url).stdout)
+    assert created["agent"]["budget_micro"] == 2_000_000
+    status = run_cli("--json", "status", db=url)
+    assert json.loads(status.stdout)["agents"] == 1
+    assert "hunter2-secret" not in status.stdout + status.stderr and "aex:***@" in status.stdout
+    doctor = run_cli("--json", "doctor", db=url, check=False)
+    assert "hunter2-secret" not in doctor.stdout + doctor.stderr
+    checks = {c["check"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["database"]["status"] == "ok" and checks["audit"]["status"] == "ok", checks
+
+    # $AEX_DB selects the same database for the CLI and for Kernel.open(), with nothing on disk.
+    env = dict(os.environ, AEX_DB=url, AEX_HOME=str(tmp_path / "home"))
+    listed = subprocess.run([sys.executable, "-m", "aex", "--json", "agent", "list"], env=env, capture_output=True, text=True, check=True)
+    assert [a["name"] for a in json.loads(listed.stdout)] == ["atlas"]
+    opened = subprocess.run(
+        [sys.executable, "-c", "import aex; print(aex.Kernel.open().agent('atlas')['budget_micro'])"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert opened.stdout.strip() == "2000000"
+    assert not (tmp_path / "home").exists(), "a URL creates no aex directory"
