@@ -51,12 +51,16 @@ fn run_until_denied(k: &Kernel, token: &str, name: &str) -> i64 {
 fn eight_threads_admit_exactly_k_calls() {
     const K: i64 = 120;
     let dir = tempfile::tempdir().unwrap();
-    let k = open_shared(&shared_db(dir.path()));
+    let db = shared_db(dir.path());
+    let k = open_shared(&db);
     let token = Arc::new(agent(&k, "atlas", K * PER_CALL));
     let total = Arc::new(AtomicI64::new(0));
+    // Four threads share the first kernel (group commit on SQLite); four more open kernels of
+    // their own (another lock owner on the same file; on PostgreSQL, connections of their own).
     let threads: Vec<_> = (0..8)
-        .map(|_| {
-            let (k, token, total) = (k.clone(), token.clone(), total.clone());
+        .map(|i| {
+            let k = if i < 4 { k.clone() } else { open_shared(&db) };
+            let (token, total) = (token.clone(), total.clone());
             std::thread::spawn(move || total.fetch_add(run_until_denied(&k, &token, "atlas"), Ordering::SeqCst))
         })
         .collect();
