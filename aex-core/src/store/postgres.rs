@@ -11,9 +11,10 @@
 //! one after another, while its caller waits. (The driver runs its own small async runtime, which
 //! must not be entered from a caller's — the dispatcher and `aex serve` call the store from async
 //! tasks.) A lost connection fails the operation in hand with [`Error::Unavailable`] (never an
-//! admission without the store) and is made again by the next one. A commit whose outcome is unknown — the
-//! connection lost during `COMMIT` — is reported as `Unavailable` too; retrying with the same
-//! execution id never charges twice (idempotency).
+//! admission without the store) and is made again by the next one. A commit whose outcome is
+//! unknown — the connection lost during `COMMIT` — is reported as `Unavailable` too; an admission
+//! re-sent with the same execution id is answered from the store, never reserved twice, and a
+//! dispatched call never settled is charged in full at its TTL, as after a crash.
 //!
 //! Credentials come from the URL and never reach errors, logs or `Debug` output.
 //!
