@@ -235,18 +235,30 @@ fn open(path: &Path, clock: &ManualClock) -> Kernel {
     Kernel::open(path, options).unwrap()
 }
 
-fn request() -> AdmitRequest {
-    AdmitRequest::new(MODEL).input_tokens(1_000).max_output_tokens(500)
-}
-
-#[test]
-fn full_durability_fsyncs_the_admission_and_lets_a_dispatched_settlement_ride_on_the_next() {
+/// A `full` kernel on a new file, with the shim installed, and an agent "atlas" with $10: the
+/// directory (kept alive), the database path, the clock, the kernel and the agent's token.
+fn setup() -> (tempfile::TempDir, PathBuf, ManualClock, Kernel, String) {
     install();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("aex.db");
     let clock = ManualClock::new(T0);
     let k = open(&db, &clock);
     let token = agent(&k, "atlas", 10_000_000);
+    (dir, db, clock, k, token)
+}
+
+/// A clock just past a reservation's TTL from the start.
+fn after_ttl() -> ManualClock {
+    ManualClock::new(T0 + aex_core::DEFAULT_RESERVATION_TTL_MS + 1)
+}
+
+fn request() -> AdmitRequest {
+    AdmitRequest::new(MODEL).input_tokens(1_000).max_output_tokens(500)
+}
+
+#[test]
+fn full_durability_fsyncs_the_admission_and_lets_a_dispatched_settlement_ride_on_the_next() {
+    let (dir, db, clock, k, token) = setup();
 
     // The admission, dispatched in the same transaction: fsynced before it returns.
     let before = wal_syncs(&db);
@@ -269,7 +281,7 @@ fn full_durability_fsyncs_the_admission_and_lets_a_dispatched_settlement_ride_on
     assert_eq!(revived.agent("atlas").unwrap().spent_micro, 0);
     assert_clean(&revived);
     drop(revived);
-    let later = ManualClock::new(T0 + aex_core::DEFAULT_RESERVATION_TTL_MS + 1);
+    let later = after_ttl();
     let revived = open(&after_cut, &later);
     let e = revived.execution(&first.execution_id).unwrap();
     assert_eq!(e.state, ExecutionState::Committed);
@@ -294,12 +306,7 @@ fn full_durability_fsyncs_the_admission_and_lets_a_dispatched_settlement_ride_on
 
 #[test]
 fn full_durability_fsyncs_the_settlement_of_a_call_never_marked_dispatched() {
-    install();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("aex.db");
-    let clock = ManualClock::new(T0);
-    let k = open(&db, &clock);
-    let token = agent(&k, "atlas", 10_000_000);
+    let (dir, db, _clock, k, token) = setup();
 
     // The TTL rule would release a reserved execution whose settlement was lost, though the
     // caller may have called the provider: so this settlement is fsynced at once.
@@ -307,7 +314,7 @@ fn full_durability_fsyncs_the_settlement_of_a_call_never_marked_dispatched() {
     let before = wal_syncs(&db);
     let settled = k.commit(&admitted.execution_id, Usage::new(1_000, 20)).unwrap();
     assert_eq!(wal_syncs(&db), before + 1);
-    let later = ManualClock::new(T0 + aex_core::DEFAULT_RESERVATION_TTL_MS + 1);
+    let later = after_ttl();
     let revived = open(&cut(&db, &dir.path().join("cut")), &later);
     let e = revived.execution(&admitted.execution_id).unwrap();
     assert_eq!((e.state, e.cost_micro), (ExecutionState::Committed, Some(settled.cost_micro)));
@@ -344,18 +351,13 @@ fn under_normal_durability_no_commit_is_fsynced() {
 #[test]
 fn under_full_an_overrun_settlement_is_fsynced_at_once() {
     // Lost to a power cut, the TTL rule would charge only the reservation: less than the cost.
-    install();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("aex.db");
-    let clock = ManualClock::new(T0);
-    let k = open(&db, &clock);
-    let token = agent(&k, "atlas", 10_000_000);
+    let (dir, db, _clock, k, token) = setup();
     let admitted = k.admit_dispatched(&token, &request()).unwrap();
     let before = wal_syncs(&db);
     let settled = k.commit(&admitted.execution_id, Usage::new(1_000, 5_000)).unwrap();
     assert!(settled.overrun_micro > 0);
     assert_eq!(wal_syncs(&db), before + 1, "an overrun is fsynced");
-    let later = ManualClock::new(T0 + aex_core::DEFAULT_RESERVATION_TTL_MS + 1);
+    let later = after_ttl();
     let revived = open(&cut(&db, &dir.path().join("cut")), &later);
     let e = revived.execution(&admitted.execution_id).unwrap();
     assert_eq!(e.cost_micro, Some(settled.cost_micro));
@@ -367,12 +369,7 @@ fn under_full_an_overrun_settlement_is_fsynced_at_once() {
 fn under_full_deleting_an_agent_with_a_dispatched_call_is_fsynced() {
     // The deletion releases the agent's open executions in the same transaction: a dispatched
     // one among them must not let the deletion (and its token's revocation) wait for the disk.
-    install();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("aex.db");
-    let clock = ManualClock::new(T0);
-    let k = open(&db, &clock);
-    let token = agent(&k, "atlas", 10_000_000);
+    let (dir, db, clock, k, token) = setup();
     k.admit_dispatched(&token, &request()).unwrap();
     let before = wal_syncs(&db);
     k.delete_agent("atlas").unwrap();
@@ -385,12 +382,7 @@ fn under_full_deleting_an_agent_with_a_dispatched_call_is_fsynced() {
 
 #[test]
 fn a_failed_fsync_is_reported_and_the_kernel_then_refuses_every_write() {
-    install();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("aex.db");
-    let clock = ManualClock::new(T0);
-    let k = open(&db, &clock);
-    let token = agent(&k, "atlas", 10_000_000);
+    let (_dir, db, clock, k, token) = setup();
     let wal_path = wal(&std::fs::canonicalize(&db).unwrap());
     *FAIL_SYNCS_OF.lock().unwrap() = Some(wal_path);
     let failed = k.admit_dispatched(&token, &request()).unwrap_err();
