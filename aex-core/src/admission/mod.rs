@@ -38,7 +38,7 @@ use crate::policy;
 use crate::rate;
 use crate::reconcile;
 use crate::settlement::MAX_TOKENS;
-use crate::store::Tx;
+use crate::store::{Prefetch, Tx};
 
 /// The largest total message text accepted in one request: 64 MiB.
 pub const MAX_MESSAGES_BYTES: usize = 64 << 20;
@@ -243,6 +243,7 @@ pub(crate) fn admit(
     prepared: &Prepared,
     execution_id: &str,
 ) -> Result<Result<Admission>> {
+    tx.prefetch(&[Prefetch::Execution(execution_id)]);
     // 1. auth
     let mut agent = match authenticate(tx, token, cx.now) {
         Ok(agent) => agent,

@@ -22,7 +22,7 @@
 //! aex writes the seal in the same transaction as the change and its ledger event, so the seal is
 //! always the ledger's replayed state of that row; `audit` checks exactly that.
 //!
-//! Every write transaction runs its closure over a [`Guard`], which wraps the store's [`Tx`]:
+//! Every write transaction runs its closure over a `Guard`, which wraps the store's [`Tx`]:
 //! whenever the closure loads an agent or team row (admission, settlement, expiry, any change
 //! through aex), the guard compares the live row with its seal before handing it out.
 //! * Same fields, valid tag: the row is used. The cost is one primary-key read of the seal
@@ -685,6 +685,9 @@ impl Tx for Guard<'_> {
     }
     fn sync_later(&mut self) {
         self.tx.sync_later();
+    }
+    fn prefetch(&mut self, wants: &[crate::store::Prefetch<'_>]) {
+        self.tx.prefetch(wants);
     }
 }
 

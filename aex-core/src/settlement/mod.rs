@@ -23,7 +23,7 @@ use crate::execution::{Execution, ExecutionState};
 use crate::ledger::{self, ChainHasher, EventKind, NewEvent};
 use crate::money;
 use crate::reconcile::{self, EXPIRED_REASON};
-use crate::store::Tx;
+use crate::store::{Prefetch, Tx};
 
 /// The most tokens one usage field may report: one billion.
 pub const MAX_TOKENS: i64 = 1_000_000_000;
@@ -210,6 +210,7 @@ pub(crate) fn mark_dispatched(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, n
 /// `alone`: the transaction's closure writes nothing but this settlement, so the settlement may
 /// reach disk after the commit returns where losing it is safe ([`Tx::sync_later`]).
 pub(crate) fn settle(tx: &mut dyn Tx, hasher: &ChainHasher, id: &str, call: Terminal<'_>, now: i64, alone: bool) -> Result<Result<Settlement>> {
+    tx.prefetch(&[Prefetch::Execution(id), Prefetch::AgentOfExecution(id)]);
     let mut e = match load(tx, hasher, id, now) {
         Ok(e) => e,
         Err(err @ Error::NotFound { .. }) => return Ok(Err(err)),

@@ -196,4 +196,19 @@ pub trait Tx {
     /// a transaction whose every write says so; a later fsynced commit or checkpoint persists it.
     /// Does nothing by default.
     fn sync_later(&mut self) {}
+
+    /// Says what this transaction is about to read, so a store that pays a network round trip
+    /// per read can fetch it with the next one. A hint only: the reads themselves follow, and
+    /// must return what they would have without it (a store answers them from what it fetched
+    /// only while nothing written since could change it). Does nothing by default.
+    fn prefetch(&mut self, _wants: &[Prefetch<'_>]) {}
+}
+
+/// A read announced to [`Tx::prefetch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch<'a> {
+    /// [`Tx::execution`] of this id.
+    Execution(&'a str),
+    /// [`Tx::agent_by_id`] of the agent that holds this execution.
+    AgentOfExecution(&'a str),
 }

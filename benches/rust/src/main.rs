@@ -127,29 +127,45 @@ fn now_us() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros()
 }
 
-/// A child process of [`processes`]: its own kernel on the shared file, started together.
-fn child(db: &str, durability: &str, calls: usize, go: &str) {
+/// A child process of [`processes`], started with the others: its own kernel on the shared
+/// database, which its `threads` threads share, each with an agent of its own, making `calls`
+/// calls between them once `go` exists.
+fn child(db: &str, durability: &str, calls: usize, go: &str, threads: usize) {
     let k = open(Path::new(db), durability, aex_core::store::DEFAULT_MAX_BATCH);
-    let token = k.create_agent(&AgentSpec::new(format!("p{}", std::process::id()), money::MAX_MICRO)).unwrap().token;
+    let tokens: Vec<_> = (0..threads)
+        .map(|t| k.create_agent(&AgentSpec::new(format!("p{}-{t}", std::process::id()), money::MAX_MICRO)).unwrap().token)
+        .collect();
     let req = request();
-    one_call(&k, token.expose(), &req);
+    for token in &tokens {
+        one_call(&k, token.expose(), &req);
+    }
     println!("ready");
     while !Path::new(go).exists() {
         std::thread::sleep(Duration::from_micros(200));
     }
     let start = now_us();
-    let micros: Vec<f64> = (0..calls).map(|_| one_call(&k, token.expose(), &req)).collect();
+    let micros: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = tokens
+            .iter()
+            .map(|token| {
+                let (k, req) = (&k, &req);
+                s.spawn(move || (0..calls / threads).map(|_| one_call(k, token.expose(), req)).collect::<Vec<f64>>())
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
     println!("{}", json!({"start_us": start as u64, "end_us": now_us() as u64, "micros": micros}));
 }
 
 fn processes(durability: &str, n: usize) -> (Vec<f64>, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("bench.db");
-    processes_on(db.to_str().unwrap(), durability, n)
+    processes_on(db.to_str().unwrap(), durability, n, 1)
 }
 
-/// [`processes`] on the database `db` names (a file, or a PostgreSQL URL).
-fn processes_on(db: &str, durability: &str, n: usize) -> (Vec<f64>, Duration) {
+/// [`processes`] on the database `db` names (a file, or a PostgreSQL URL), with `threads`
+/// threads in each process.
+fn processes_on(db: &str, durability: &str, n: usize, threads: usize) -> (Vec<f64>, Duration) {
     let dir = tempfile::tempdir().unwrap();
     drop(open(Path::new(db), durability, 1));
     let go = dir.path().join("go");
@@ -157,7 +173,7 @@ fn processes_on(db: &str, durability: &str, n: usize) -> (Vec<f64>, Duration) {
     let mut children: Vec<_> = (0..n)
         .map(|_| {
             Command::new(std::env::current_exe().unwrap())
-                .args(["child", db, durability, &calls.to_string(), go.to_str().unwrap()])
+                .args(["child", db, durability, &calls.to_string(), go.to_str().unwrap(), &threads.to_string()])
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap()
@@ -216,7 +232,7 @@ fn postgres_db(admin: &str) -> String {
 
 /// The fleet store: admit + commit on a PostgreSQL server (`AEX_BENCH_POSTGRES`, an admin URL)
 /// from one thread, from eight threads each with its own kernel (its own connection), and from
-/// four processes.
+/// four processes of one thread and of two (which share their process's kernel: group commit).
 fn postgres_rows() {
     let Ok(admin) = std::env::var("AEX_BENCH_POSTGRES") else {
         eprintln!("aex-bench postgres: set AEX_BENCH_POSTGRES to a server's admin URL (scripts/postgres starts one)");
@@ -248,8 +264,10 @@ fn postgres_rows() {
         });
         emit(&row("rust", "admit+commit on PostgreSQL (loopback)", "server", threads, 1, micros, start.elapsed()));
     }
-    let (m, wall) = processes_on(&postgres_db(&admin), "full", 4);
-    emit(&row("rust", "admit+commit on PostgreSQL (loopback)", "server", 1, 4, m, wall));
+    for threads in [1, 2] {
+        let (m, wall) = processes_on(&postgres_db(&admin), "full", 4, threads);
+        emit(&row("rust", "admit+commit on PostgreSQL (loopback)", "server", threads, 4, m, wall));
+    }
 }
 
 /// A governed call against a direct reqwest call to the same loopback server, interleaved.
@@ -525,7 +543,7 @@ fn main() {
         ["auth"] => auth_rows(),
         ["gateway"] => gateway_rows(),
         ["postgres"] => postgres_rows(),
-        ["child", db, durability, calls, go] => child(db, durability, calls.parse().unwrap(), go),
+        ["child", db, durability, calls, go, threads] => child(db, durability, calls.parse().unwrap(), go, threads.parse().unwrap()),
         _ => {
             eprintln!("usage: aex-bench rust | dispatch | http-hop | auth | gateway | postgres");
             std::process::exit(2);
