@@ -117,3 +117,96 @@ fn a_dropped_connection_fails_closed_and_the_kernel_reconnects() {
 fn fresh(admin: &str) -> String {
     common::new_postgres_db(admin)
 }
+
+/// The first column of the first row `sql` returns, as text, from the database `url` names.
+fn psql_value(url: &str, sql: &str) -> String {
+    let (url, sql) = (url.to_string(), sql.to_string());
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let rows = client.simple_query(&sql).unwrap();
+        rows.iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A new database owned by a new role that signs in with `password`: the role's URL, without
+/// the password.
+fn database_with_password(admin: &str, password: &str) -> String {
+    let url = fresh(admin);
+    let db = url.rsplit_once('/').unwrap().1.to_string();
+    let role = format!("r{}", uuid::Uuid::now_v7().simple());
+    psql(admin, &format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'; ALTER DATABASE {db} OWNER TO {role}"));
+    url.replacen("://aex@", &format!("://{role}@"), 1)
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: scripts/test runs it with AEX_TEST_POSTGRES"]
+fn a_wrong_password_is_refused_naming_the_cause_and_creates_nothing() {
+    let admin = server();
+    let url = database_with_password(&admin, "right-pw");
+    let wrong = url.replacen('@', ":wrong-pw@", 1);
+    let e = Kernel::open(&wrong, options()).unwrap_err();
+    assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+    assert!(e.to_string().contains("password authentication failed"), "{e}");
+    assert!(!e.to_string().contains("wrong-pw") && !format!("{e:?}").contains("wrong-pw"), "{e:?}");
+    let as_admin = format!("{}/{}", admin.rsplit_once('/').unwrap().0, url.rsplit_once('/').unwrap().1);
+    assert_eq!(psql_value(&as_admin, "SELECT to_regclass('aex_schema') IS NULL"), "t", "nothing was created");
+    // The right one, in the URL, works.
+    let k = Kernel::open(url.replacen('@', ":right-pw@", 1), options()).unwrap();
+    let token = agent(&k, "atlas", 1_000_000);
+    k.admit(&token, &AdmitRequest::new(MODEL).input_tokens(10).max_output_tokens(10)).unwrap();
+}
+
+/// The CA of the test server's certificate, when it offers TLS (`scripts/postgres start DIR tls`).
+fn test_ca() -> String {
+    std::env::var("AEX_TEST_POSTGRES_CA")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| panic!("AEX_TEST_POSTGRES_CA must name the CA of a test server started with tls"))
+}
+
+/// Whether the kernel's connections to `url`'s database are encrypted, as the server sees them.
+fn encrypted(admin: &str, url: &str) -> String {
+    let db = url.rsplit_once('/').unwrap().1.split('?').next().unwrap().to_string();
+    psql_value(
+        admin,
+        &format!("SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{db}'"),
+    )
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server offering TLS: scripts/test runs it with AEX_TEST_POSTGRES and AEX_TEST_POSTGRES_CA"]
+fn tls_is_used_as_sslmode_says_and_a_certificate_from_elsewhere_is_refused() {
+    let (admin, ca) = (server(), test_ca());
+    let other_ca = std::path::Path::new(&ca).with_file_name("other-ca.pem");
+    let url = fresh(&admin);
+    let verified = format!("{url}?sslmode=verify-full&sslrootcert={ca}");
+    let k = Kernel::open(&verified, options()).unwrap();
+    let token = agent(&k, "atlas", 1_000_000);
+    k.admit(&token, &AdmitRequest::new(MODEL).input_tokens(10).max_output_tokens(10)).unwrap();
+    assert_eq!(encrypted(&admin, &url), "t");
+    drop(k);
+    // The certificate names localhost too; verify-ca checks the chain, not the name.
+    let by_name = verified.replacen("127.0.0.1", "localhost", 1);
+    Kernel::open(&by_name, options()).unwrap();
+    Kernel::open(format!("{url}?sslmode=verify-ca&sslrootcert={ca}"), options()).unwrap();
+    // A certificate signed by a CA the client does not trust: refused, never used unverified.
+    let e = Kernel::open(format!("{url}?sslmode=verify-full&sslrootcert={}", other_ca.display()), options()).unwrap_err();
+    assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    let e = Kernel::open(format!("{url}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"), options()).unwrap_err();
+    assert!(e.to_string().contains("sslrootcert") && e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+    // require encrypts without checking; disable does not encrypt.
+    let k = Kernel::open(format!("{url}?sslmode=require"), options()).unwrap();
+    assert_eq!(encrypted(&admin, &url), "t");
+    drop(k);
+    let k = Kernel::open(format!("{url}?sslmode=disable"), options()).unwrap();
+    assert_eq!(encrypted(&admin, &url), "f");
+    drop(k);
+}

@@ -108,3 +108,39 @@ def test_the_cli_and_kernel_open_take_a_url_from_db_or_aex_db_and_never_print_it
     )
     assert opened.stdout.strip() == "2000000"
     assert not (tmp_path / "home").exists(), "a URL creates no aex directory"
+
+
+def test_the_password_comes_from_pgpassword_or_the_password_file_as_libpq_reads_them(server, tmp_path):
+    import sys
+
+    # A role that signs in with a password (the test server asks every role but its own for one).
+    url = new_database(server)
+    role = f"r{uuid.uuid4().hex}"
+    psql = next(Path("/usr/lib/postgresql").glob("*/bin/psql"))
+    db = url.rsplit("/", 1)[1]
+    subprocess.run([psql, server, "-qc", f"CREATE ROLE {role} LOGIN PASSWORD 'right-pw'; ALTER DATABASE {db} OWNER TO {role}"], check=True)
+    role_url = url.replace("aex@", f"{role}@", 1)
+    opened = "import aex, sys; k = aex.Kernel(sys.argv[1]); print(len(k.list_agents()))"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+    def open_with(**env):
+        return subprocess.run([sys.executable, "-c", opened, role_url], env=dict(base, **env), capture_output=True, text=True)
+
+    assert open_with(PGPASSWORD="right-pw").stdout.strip() == "0"
+    wrong = open_with(PGPASSWORD="wrong-pw")
+    assert wrong.returncode != 0 and "password authentication failed" in wrong.stderr
+    assert "wrong-pw" not in wrong.stderr + wrong.stdout
+
+    # The password file: used when nothing else gives a password, and only if private.
+    host, port = url.split("@", 1)[1].split("/", 1)[0].split(":")
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"# the test server\n{host}:{port}:{db}:{role}:right-pw\n")
+    passfile.chmod(0o644)
+    assert open_with(PGPASSFILE=str(passfile)).returncode != 0, "a file others can read is ignored"
+    passfile.chmod(0o600)
+    assert open_with(PGPASSFILE=str(passfile)).stdout.strip() == "0"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".pgpass").write_text(passfile.read_text())
+    (home / ".pgpass").chmod(0o600)
+    assert open_with(HOME=str(home)).stdout.strip() == "0"

@@ -22,7 +22,9 @@
 //! Statements are prepared once per connection and planned generically (`plan_cache_mode`):
 //! every one is a lookup by key, and planning each call again cost more than running it.
 //!
-//! Credentials come from the URL and never reach errors, logs or `Debug` output.
+//! Connection settings are read as libpq reads them: the URL, then the `PG*` environment
+//! variables and the password file for what it leaves out, and TLS by `sslmode` (the `settings`
+//! and `tls` modules). Credentials never reach errors, logs or `Debug` output.
 //!
 //! Every wait is bounded, as with SQLite: connecting (10 s unless the URL says otherwise), the
 //! write lock (`lock_timeout`, 10 s), a statement (30 s), and a transaction left idle by a stalled
@@ -37,6 +39,8 @@
 mod group;
 mod pipeline;
 mod schema;
+mod settings;
+mod tls;
 mod tx;
 
 use std::collections::HashMap;
@@ -46,7 +50,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 use tokio::runtime::Runtime;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use self::pipeline::Pipe;
 use self::tx::PgTx;
@@ -107,6 +111,7 @@ impl Drop for PgStore {
 /// connection when there is one.
 struct Link {
     config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     place: String,
     rt: Runtime,
     conn: Option<Conn>,
@@ -244,19 +249,15 @@ impl PgStore {
     /// the server cannot be reached or refuses the credentials, the database is not aex's, or its
     /// schema is newer than this aex understands. No message carries the password.
     pub fn open(url: &str) -> Result<PgStore> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-            Error::invalid("path", format!("is not a valid PostgreSQL URL ({})", redact(&e.to_string(), url)))
-        })?;
-        // A password with an unencoded '@' would leave part of itself in the host name.
-        if config.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(h) if h.contains('@'))) {
-            return Err(Error::invalid("path", "is not a valid PostgreSQL URL (percent-encode '@' in the password as %40)"));
-        }
+        let settings = settings::read(url, &|name| std::env::var(name).ok())?;
+        let tls = tls::connector(&settings.tls)?;
+        let config = settings.config;
         let place = describe(&config);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Error::Unavailable(format!("cannot start the PostgreSQL connection's runtime: {e}")))?;
-        let link = Link { config: bounded(config), place: place.clone(), rt, conn: None };
+        let link = Link { config: bounded(config), tls, place: place.clone(), rt, conn: None };
         let (jobs, queue) = mpsc::channel::<Job>();
         let stats = Arc::new(Mutex::new(WriteStats::default()));
         let counted = stats.clone();
@@ -331,7 +332,7 @@ impl Link {
         if self.conn.is_none() {
             let (client, connection) = self
                 .rt
-                .block_on(self.config.connect(NoTls))
+                .block_on(self.config.connect(self.tls.clone()))
                 .map_err(|e| Error::Unavailable(format!("cannot connect to PostgreSQL at {}: {}", self.place, plain(&e))))?;
             // Driven whenever this thread waits on the runtime; it ends when the connection does.
             self.rt.spawn(connection);
@@ -367,17 +368,19 @@ fn describe(config: &tokio_postgres::Config) -> String {
 fn plain(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
-}
-
-/// A parse error's text with the URL's password, if it appears, cut out.
-fn redact(text: &str, url: &str) -> String {
-    let password =
-        url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).and_then(|(auth, _)| auth.split_once(':')).map(|(_, p)| p);
-    match password {
-        Some(p) if !p.is_empty() => text.replace(p, "***"),
-        _ => text.to_string(),
+        None => {
+            // With its causes: "error performing TLS handshake" says little without them.
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                let more = c.to_string();
+                if !text.contains(&more) {
+                    text = format!("{text}: {more}");
+                }
+                cause = c.source();
+            }
+            text
+        }
     }
 }
 
