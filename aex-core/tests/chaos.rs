@@ -1,7 +1,14 @@
-//! Chaos and soak: worker processes run a mixed workload on one database file while the test
-//! SIGKILLs random workers and restarts them. At the end the ledger shows no budget over its
-//! limit at any instant, every reservation is settled or expired by the rules, the replay equals
-//! the live counters, and the audit is clean.
+//! Chaos and soak: worker processes run a mixed workload on one database while the test SIGKILLs
+//! random workers and restarts them. At the end the ledger shows no budget over its limit at any
+//! instant, every reservation is settled or expired by the rules, the replay equals the live
+//! counters, and the audit is clean.
+//!
+//! Part of the conformance suite: on a file, or, when `AEX_TEST_POSTGRES` names a server, on a
+//! PostgreSQL database — "machines" that each hold a connection of their own, while the test also
+//! ends every connection to the database (`pg_terminate_backend`) and restarts the server at once
+//! (`pg_ctl restart -m immediate`, given its directory as `AEX_TEST_POSTGRES_DIR`). A store that
+//! is away answers `503`; the workers carry on when it is back, and what they never heard the end
+//! of is settled by the TTL rule.
 //!
 //! `cargo test -p aex-core --release --test chaos` runs it for `AEX_CHAOS_SECONDS` (default 20);
 //! set it to 600 or more for a soak.
@@ -44,24 +51,43 @@ fn dearer_config() -> Config {
     Config::new().with_model(MODEL, ModelSpec::priced(Prices::from_usd("0.30", "1.20").unwrap(), 1_000)).unwrap()
 }
 
+/// Whether the store may be away for a while (the fleet store while its server restarts): then
+/// `503` is an answer to expect, and to wait out.
+fn faults() -> bool {
+    std::env::var("AEX_CHAOS_FAULTS").is_ok_and(|v| v == "1")
+}
+
+/// `op`'s result; while the store is away (and only if `wait`), `op` again until it is back.
+fn through<T>(wait: bool, mut op: impl FnMut() -> aex_core::Result<T>) -> aex_core::Result<T> {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        match op() {
+            Err(Error::Unavailable(_)) if wait && Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One worker's life, until the stop file appears or it is killed.
 #[test]
 #[ignore = "the body of a child process: its parent test runs it"]
 fn child_chaos_worker() {
     let (db, name, shared, stop) = (child_env("AEX_CHAOS_DB"), child_env("AEX_CHAOS_AGENT"), child_env("AEX_CHAOS_SHARED"), child_env("AEX_CHAOS_STOP"));
-    let k = Kernel::open(&db, options(config())).unwrap();
+    let k = through(faults(), || Kernel::open(&db, options(config()))).unwrap();
     let mut rng = StdRng::seed_from_u64(u64::from(std::process::id()) ^ SystemClock.now_ms().unsigned_abs());
     // A restarted worker does not know its agent's token: it rotates a new one, as an operator would.
-    let mut own = k.rotate_token(&name, None).unwrap().expose().to_string();
+    let mut own = through(faults(), || k.rotate_token(&name, None)).unwrap().expose().to_string();
     let mut dear = false;
     while !Path::new(&stop).exists() {
         match rng.random_range(0..100) {
-            0..4 => own = k.rotate_token(&name, None).unwrap().expose().to_string(),
+            0..4 => own = through(faults(), || k.rotate_token(&name, None)).unwrap().expose().to_string(),
             4..7 => {
                 dear = !dear;
-                k.reload_config(if dear { dearer_config() } else { config() }).unwrap();
+                through(faults(), || k.reload_config(if dear { dearer_config() } else { config() })).unwrap();
             }
-            7..9 => drop(k.add_budget(&name, 1_000).unwrap()),
+            7..9 => drop(through(faults(), || k.add_budget(&name, 1_000)).unwrap()),
             _ => {
                 let shared: Vec<&str> = shared.split(' ').collect();
                 let token = if rng.random_bool(0.5) { own.as_str() } else { shared[rng.random_range(0..shared.len())] };
@@ -77,6 +103,8 @@ fn call(k: &Kernel, token: &str, rng: &mut StdRng) {
     let a = match k.admit(token, &req) {
         Ok(a) => a,
         Err(Error::InsufficientBudget { .. }) => return,
+        // The store away: whether the admission stands is unknown, and the TTL rule settles it.
+        Err(Error::Unavailable(_)) if faults() => return,
         Err(e) => panic!("admission failed unexpectedly: {e}"),
     };
     // Real usage never exceeds the reservation here, so a budget can only be exceeded by a bug.
@@ -93,14 +121,43 @@ fn call(k: &Kernel, token: &str, rng: &mut StdRng) {
     match settled {
         // A worker starved past the TTL finds its execution expired: the rules settled it.
         Ok(()) | Err(Error::Conflict { .. }) => {}
+        // The store away: left to the TTL rule, as a crash would leave it.
+        Err(Error::Unavailable(_)) if faults() => {}
         Err(e) => panic!("settlement failed unexpectedly: {e}"),
     }
 }
 
 
-fn spawn_worker(db: &Path, agent: &str, shared: &str, stop: &Path) -> Child {
-    let (db, stop) = (db.to_str().unwrap(), stop.to_str().unwrap());
-    spawn_child("child_chaos_worker", &[("AEX_CHAOS_DB", db), ("AEX_CHAOS_AGENT", agent), ("AEX_CHAOS_SHARED", shared), ("AEX_CHAOS_STOP", stop)])
+fn spawn_worker(db: &str, agent: &str, shared: &str, stop: &Path, faults: bool) -> Child {
+    let stop = stop.to_str().unwrap();
+    let faults = if faults { "1" } else { "0" };
+    spawn_child(
+        "child_chaos_worker",
+        &[("AEX_CHAOS_DB", db), ("AEX_CHAOS_AGENT", agent), ("AEX_CHAOS_SHARED", shared), ("AEX_CHAOS_STOP", stop), ("AEX_CHAOS_FAULTS", faults)],
+    )
+}
+
+/// The test server's directory, for restarting it (`scripts/postgres restart`).
+fn server_dir() -> String {
+    std::env::var("AEX_TEST_POSTGRES_DIR")
+        .ok()
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| panic!("AEX_TEST_POSTGRES_DIR must name the test server's directory (scripts/postgres start DIR)"))
+}
+
+/// Ends every connection to the database `db` (a URL) from the server's side.
+fn terminate_backends(db: &str) {
+    let (base, name) = db.rsplit_once('/').unwrap();
+    let admin = format!("{base}/postgres");
+    let sql = format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()");
+    std::thread::spawn(move || postgres::Client::connect(&admin, postgres::NoTls).unwrap().batch_execute(&sql).unwrap()).join().unwrap();
+}
+
+/// Restarts the test server at once: every process killed, then crash recovery.
+fn restart_server() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/postgres");
+    let status = std::process::Command::new(script).args(["restart", &server_dir()]).status().unwrap();
+    assert!(status.success(), "the test server did not restart");
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +269,8 @@ fn walk_ledger(k: &Kernel) -> Walk {
 fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
     let seconds: u64 = std::env::var("AEX_CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("chaos.db");
+    let db = common::shared_db(dir.path());
+    let fleet = db.starts_with("postgresql://");
     let stop = dir.path().join("stop");
     let names: Vec<String> = (0..WORKERS).map(|i| format!("worker{i}")).collect();
     let shared = {
@@ -234,13 +292,13 @@ fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
         tokens.join(" ")
     };
 
-    let mut workers: Vec<Child> = names.iter().map(|n| spawn_worker(&db, n, &shared, &stop)).collect();
+    let mut workers: Vec<Child> = names.iter().map(|n| spawn_worker(&db, n, &shared, &stop, fleet)).collect();
     // The test tops up the team as it goes (it alone changes the team's budget), so the run
     // keeps meeting the team's limit and the agents' without spending it for good.
     let admin = Kernel::open(&db, options(config())).unwrap();
     let mut rng = StdRng::seed_from_u64(SystemClock.now_ms().unsigned_abs());
     let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut kills = 0;
+    let (mut kills, mut cut, mut restarts) = (0, 0, 0);
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(rng.random_range(50..400)));
         let i = rng.random_range(0..WORKERS);
@@ -250,9 +308,23 @@ fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
         workers[i].kill().unwrap(); // SIGKILL, wherever it is: mid-transaction, mid-fsync, idle
         workers[i].wait().unwrap();
         kills += 1;
-        workers[i] = spawn_worker(&db, &names[i], &shared, &stop);
-        let team = admin.team(TEAM).unwrap();
-        admin.set_team_budget(TEAM, team.budget_micro + 1_000).unwrap();
+        workers[i] = spawn_worker(&db, &names[i], &shared, &stop, fleet);
+        if fleet {
+            // The server's faults, between the workers' deaths: connections cut, then a crash.
+            match kills % 8 {
+                3 => {
+                    terminate_backends(&db);
+                    cut += 1;
+                }
+                7 => {
+                    restart_server();
+                    restarts += 1;
+                }
+                _ => {}
+            }
+        }
+        let team = through(fleet, || admin.team(TEAM)).unwrap();
+        through(fleet, || admin.set_team_budget(TEAM, team.budget_micro + 1_000)).unwrap();
     }
     drop(admin);
     std::fs::write(&stop, b"").unwrap();
@@ -261,6 +333,9 @@ fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
         assert!(status.success(), "worker {i} failed: {status}");
     }
     assert!(kills >= 10, "only {kills} kills");
+    if fleet {
+        assert!(cut >= 1 && restarts >= 1, "the server's faults: {cut} cuts, {restarts} restarts");
+    }
 
     // Every abandoned reservation is past its TTL now; opening reconciles them.
     std::thread::sleep(Duration::from_millis(TTL_MS as u64 + 100));
@@ -278,7 +353,8 @@ fn killed_and_restarted_workers_never_overshoot_and_the_books_balance() {
     let report = k.audit(None).unwrap();
     assert!(report.is_clean(), "audit failed after {kills} kills: {:?}", report.failure);
     eprintln!(
-        "chaos: {seconds}s, {kills} kills, {reservations} reservations ({} expired unsent, {} expired sent), {} events, audit clean",
+        "chaos: {seconds}s, {kills} kills, {cut} connection cuts, {restarts} server restarts, {reservations} reservations \
+         ({} expired unsent, {} expired sent), {} events, audit clean",
         expired[0], expired[1], report.events
     );
 }
