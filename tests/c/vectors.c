@@ -10,6 +10,7 @@
 
 #include <cjson/cJSON.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define MAX_NAMES 64
 
@@ -213,7 +214,8 @@ static cJSON *run_step(aex_kernel *k, const cJSON *step, struct names *names) {
   return NULL;
 }
 
-static void run_vector(const char *path) {
+/* Runs one vector on a kernel opened at `where`: ":memory:", or a database URL. */
+static void run_vector(const char *path, const char *where) {
   char *text = read_file(path);
   cJSON *v = text ? cJSON_Parse(text) : NULL;
   free(text);
@@ -225,8 +227,13 @@ static void run_vector(const char *path) {
   if (cJSON_GetObjectItemCaseSensitive(v, "reservation_ttl_ms"))
     CHECK_STATUS(aex_options_set_reservation_ttl_ms(opts, num(v, "reservation_ttl_ms"), NULL), AEX_OK);
   aex_kernel *k = NULL;
-  CHECK_STATUS(aex_kernel_open(":memory:", opts, &k, NULL), AEX_OK);
+  CHECK_STATUS(aex_kernel_open(where, opts, &k, NULL), AEX_OK);
   aex_options_free(opts);
+  if (!k) {
+    fprintf(stderr, "  %s: no kernel at %s\n", path, where);
+    cJSON_Delete(v);
+    return;
+  }
   struct names names = {0};
   int i = 0;
   const cJSON *step;
@@ -259,12 +266,28 @@ static void run_vector(const char *path) {
   cJSON_Delete(v);
 }
 
+/* With AEX_TEST_POSTGRES_DBS (one empty database URL per vector, separated by spaces), each
+   vector runs on its own PostgreSQL database instead of in memory: the fleet store through the
+   C API. */
 int main(int argc, char **argv) {
   if (argc < 2) {
     fprintf(stderr, "usage: %s FILE.json...\n", argv[0]);
     return 2;
   }
-  for (int i = 1; i < argc; i++) run_vector(argv[i]);
+  const char *dbs = getenv("AEX_TEST_POSTGRES_DBS");
+  char *list = dbs ? malloc(strlen(dbs) + 1) : NULL;
+  char *next = NULL;
+  if (list) {
+    strcpy(list, dbs);
+    next = strtok(list, " ");
+  }
+  for (int i = 1; i < argc; i++) {
+    CHECK(!list || next != NULL);
+    if (list && !next) break;
+    run_vector(argv[i], list ? next : ":memory:");
+    if (list) next = strtok(NULL, " ");
+  }
+  free(list);
   CHECK(argc - 1 >= 5);
-  return check_summary("c-vectors");
+  return check_summary(dbs ? "c-vectors-postgres" : "c-vectors");
 }

@@ -1,5 +1,10 @@
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +17,36 @@ models:
   text-only: {input_price: 1, output_price: 2, tools: false, streaming: false}
   gpt-4o-mini: {input_price: 0.15, output_price: 0.60}
 """
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _postgres_installed() -> bool:
+    return any(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on loopback (``scripts/postgres``) for the whole run: its
+    admin URL. Started only by the tests that ask for it."""
+    if not _postgres_installed():
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
+    base = tempfile.mkdtemp()
+    os.chmod(base, 0o711)
+    url = subprocess.run([ROOT / "scripts/postgres", "start", f"{base}/pg"], check=True, capture_output=True, text=True).stdout.strip()
+    yield url
+    subprocess.run([ROOT / "scripts/postgres", "stop", f"{base}/pg"], check=False)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def new_postgres_database(admin: str) -> str:
+    """A new, empty database on the server ``admin`` names: its URL."""
+    name = f"aex_py_{uuid.uuid4().hex}"
+    # The kernel creates aex's schema in an existing database; make one with the server's tools.
+    psql = next(Path("/usr/lib/postgresql").glob("*/bin/psql"))
+    subprocess.run([psql, admin, "-qc", f"CREATE DATABASE {name}"], check=True)
+    return admin.rsplit("/", 1)[0] + "/" + name
 
 
 @pytest.fixture

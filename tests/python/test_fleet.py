@@ -4,9 +4,7 @@ budget each through a connection of its own."""
 
 import multiprocessing
 import os
-import shutil
 import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -14,34 +12,18 @@ import pytest
 
 import aex
 
-from conftest import MODELS
+from conftest import MODELS, new_postgres_database
 
-ROOT = Path(__file__).resolve().parents[2]
 PER_CALL = 450  # micro-USD: 1,000 input and 500 output tokens of "mini"
 
 
-def _postgres_installed() -> bool:
-    return any(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-
-
 @pytest.fixture(scope="module")
-def server():
-    if not _postgres_installed():
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
-    base = tempfile.mkdtemp()
-    os.chmod(base, 0o711)
-    url = subprocess.run([ROOT / "scripts/postgres", "start", f"{base}/pg"], check=True, capture_output=True, text=True).stdout.strip()
-    yield url
-    subprocess.run([ROOT / "scripts/postgres", "stop", f"{base}/pg"], check=False)
-    shutil.rmtree(base, ignore_errors=True)
+def server(postgres_server):
+    return postgres_server
 
 
 def new_database(admin: str) -> str:
-    name = f"aex_py_{uuid.uuid4().hex}"
-    # The kernel creates aex's schema in an existing database; make one with the server's tools.
-    psql = next(Path("/usr/lib/postgresql").glob("*/bin/psql"))
-    subprocess.run([psql, admin, "-qc", f"CREATE DATABASE {name}"], check=True)
-    return admin.rsplit("/", 1)[0] + "/" + name
+    return new_postgres_database(admin)
 
 
 def race(url: str, token: str) -> int:

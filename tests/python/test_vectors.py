@@ -1,4 +1,5 @@
-"""Every shared scenario vector, through the Python API; Rust and C run the same files."""
+"""Every shared scenario vector, through the Python API, on SQLite and on PostgreSQL; Rust and C
+run the same files."""
 
 import json
 from pathlib import Path
@@ -6,6 +7,8 @@ from pathlib import Path
 import pytest
 
 import aex
+
+from conftest import new_postgres_database
 
 VECTORS = sorted((Path(__file__).parent.parent / "vectors").glob("*.json"))
 
@@ -82,13 +85,16 @@ def _step(k, step, names):
     raise AssertionError(f"unknown op {op}")
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 @pytest.mark.parametrize("path", VECTORS, ids=[p.stem for p in VECTORS])
-def test_vector(path):
+def test_vector(path, store, request):
+    """Each vector on each store: SQLite in memory, and a new database on a PostgreSQL server."""
     v = json.loads(path.read_text())
     options = {"config_yaml": v["models_yaml"], "manual_clock_ms": v["start_ms"]}
     if "reservation_ttl_ms" in v:
         options["reservation_ttl_ms"] = v["reservation_ttl_ms"]
-    k = aex.Kernel(":memory:", **options)
+    where = ":memory:" if store == "sqlite" else new_postgres_database(request.getfixturevalue("postgres_server"))
+    k = aex.Kernel(where, **options)
     names = {}
     for i, step in enumerate(v["steps"]):
         try:
