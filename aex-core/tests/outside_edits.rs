@@ -1,17 +1,17 @@
 //! Edits made to the database behind aex's back, under the keyed (HMAC) and the plain chain:
 //! restricting edits are operator actions (obeyed, ledgered, audit clean); every edit that grants
 //! power is refused by the kernel (503 `tampered`, naming the field) and named by the audit.
+//! Part of the conformance suite: edits with the `sqlite3` shell to a file, or, when
+//! `AEX_TEST_POSTGRES` names a server, with `psql` (a connection of its own) to a database.
 
 mod common;
-
-use std::path::Path;
 
 use aex_core::ledger::ChainHasher;
 use aex_core::{
     AdmitRequest, AgentSpec, AuditRule, Durability, Error, Event, Kernel, KernelOptions, StoreOptions, TeamSpec, Usage,
 };
+use common::raw::{Raw, V};
 use common::*;
-use rusqlite::{Connection, params};
 use sha2::{Digest, Sha256};
 
 const KEY: &[u8] = b"ledger-secret";
@@ -22,19 +22,19 @@ fn both(test: impl Fn(Option<&[u8]>)) {
     test(Some(KEY));
 }
 
-fn open(path: &Path, key: Option<&[u8]>) -> aex_core::Result<Kernel> {
+fn open(db: &str, key: Option<&[u8]>) -> aex_core::Result<Kernel> {
     let options = KernelOptions {
         config: config(),
         ledger_key: key.map(<[u8]>::to_vec),
         store: StoreOptions { durability: Durability::Normal, ..Default::default() },
         ..Default::default()
     };
-    Kernel::open(path, options)
+    Kernel::open(db, options)
 }
 
-/// Another connection to the file, like the `sqlite3` shell: no key, no aex.
-fn shell(path: &Path) -> Connection {
-    Connection::open(path).unwrap()
+/// Another connection to the database, like the `sqlite3` shell or `psql`: no key, no aex.
+fn shell(db: &str) -> Raw {
+    Raw::open(db)
 }
 
 fn req() -> AdmitRequest {
@@ -43,8 +43,8 @@ fn req() -> AdmitRequest {
 
 /// A kernel with agent `atlas` (models `mini` and `big`, rpm 100) that has spent something, and
 /// its token.
-fn with_activity(path: &Path, key: Option<&[u8]>) -> (Kernel, String) {
-    let k = open(path, key).unwrap();
+fn with_activity(db: &str, key: Option<&[u8]>) -> (Kernel, String) {
+    let k = open(db, key).unwrap();
     let mut spec = AgentSpec::new("atlas", 5_000_000);
     spec.allowed_models = vec![MODEL.into(), BIG_MODEL.into()];
     spec.rpm = Some(100);
@@ -87,11 +87,11 @@ fn data(e: &Event) -> serde_json::Value {
 fn a_replaced_token_hash_is_refused_and_named() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let (k, token) = with_activity(&path, key);
         let mine = format!("aex_{}", "ab".repeat(24));
         let digest: [u8; 32] = Sha256::digest(mine.as_bytes()).into();
-        shell(&path).execute("UPDATE agents SET token_hash = ?1 WHERE name = 'atlas'", [&digest[..]]).unwrap();
+        shell(&path).execute("UPDATE agents SET token_hash = $1 WHERE name = 'atlas'", &[V::B(digest.to_vec())]).unwrap();
         let head = k.head().unwrap();
         assert_tampered(k.admit(&mine, &req()), "token_hash");
         assert_eq!(k.head().unwrap(), head, "nothing was written over the tampered row");
@@ -104,9 +104,9 @@ fn a_replaced_token_hash_is_refused_and_named() {
 fn passthrough_turned_on_is_refused_and_named() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let (k, token) = with_activity(&path, key);
-        shell(&path).execute("UPDATE agents SET allow_passthrough = 1 WHERE name = 'atlas'", []).unwrap();
+        shell(&path).execute("UPDATE agents SET allow_passthrough = TRUE WHERE name = 'atlas'", &[]).unwrap();
         let mut r = req();
         r.passthrough = true;
         assert_tampered(k.admit(&token, &r), "allow_passthrough");
@@ -118,11 +118,11 @@ fn passthrough_turned_on_is_refused_and_named() {
 fn widened_models_are_refused_and_named() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let (k, token) = with_activity(&path, key);
-        shell(&path).execute("UPDATE agents SET allowed_models = '[]' WHERE name = 'atlas'", []).unwrap();
+        shell(&path).execute("UPDATE agents SET allowed_models = '[]' WHERE name = 'atlas'", &[]).unwrap();
         assert_tampered(k.admit(&token, &req()), "allowed_models");
-        shell(&path).execute("UPDATE agents SET allowed_models = '[\"mini\",\"other\"]' WHERE name = 'atlas'", []).unwrap();
+        shell(&path).execute("UPDATE agents SET allowed_models = '[\"mini\",\"other\"]' WHERE name = 'atlas'", &[]).unwrap();
         assert_tampered(k.admit(&token, &req()), "allowed_models");
         assert_audit_names(&k, AuditRule::Policy, "atlas", "allowed_models");
     });
@@ -132,10 +132,10 @@ fn widened_models_are_refused_and_named() {
 fn a_budget_period_set_by_sql_is_never_renewed() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let (k, token) = with_activity(&path, key);
         let spent = k.agent("atlas").unwrap().spent_micro;
-        shell(&path).execute("UPDATE agents SET budget_period = 'day', period_start_ms = 0 WHERE name = 'atlas'", []).unwrap();
+        shell(&path).execute("UPDATE agents SET budget_period = 'day', period_start_ms = 0 WHERE name = 'atlas'", &[]).unwrap();
         assert_tampered(k.admit(&token, &req()), "budget_period");
         let a = k.agent("atlas").unwrap();
         assert_eq!(a.spent_micro, spent, "spend was not reset");
@@ -158,9 +158,9 @@ fn loosened_counters_and_reenabling_are_refused_and_named() {
     both(|key| {
         for (sql, rule, field) in cases {
             let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("aex.db");
+            let path = shared_db(dir.path());
             let (k, token) = with_activity(&path, key);
-            assert_eq!(shell(&path).execute(sql, []).unwrap(), 1, "{sql}");
+            assert_eq!(shell(&path).execute(sql, &[]).unwrap(), 1, "{sql}");
             // A forged seal fails its tag, so the kernel names the seal; the audit, replaying the
             // ledger, names the field.
             let refused = if sql.contains("SET seal =") { "seal" } else { field };
@@ -168,10 +168,10 @@ fn loosened_counters_and_reenabling_are_refused_and_named() {
             assert_audit_names(&k, *rule, "atlas", field);
         }
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let (k, token) = with_activity(&path, key);
         k.set_disabled("atlas", true).unwrap();
-        shell(&path).execute("UPDATE agents SET disabled = 0 WHERE name = 'atlas'", []).unwrap();
+        shell(&path).execute("UPDATE agents SET disabled = FALSE WHERE name = 'atlas'", &[]).unwrap();
         assert_tampered(k.admit(&token, &req()), "disabled");
         assert_tampered(k.set_budget("atlas", 1), "disabled");
         assert_audit_names(&k, AuditRule::Policy, "atlas", "disabled");
@@ -182,7 +182,7 @@ fn loosened_counters_and_reenabling_are_refused_and_named() {
 fn a_team_raised_or_reassigned_by_sql_is_refused_and_named() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let k = open(&path, key).unwrap();
         k.create_team(&TeamSpec::new("ops", 1_000_000)).unwrap();
         let mut spec = AgentSpec::new("atlas", 5_000_000);
@@ -190,12 +190,12 @@ fn a_team_raised_or_reassigned_by_sql_is_refused_and_named() {
         let token = k.create_agent(&spec).unwrap().token.expose().to_string();
         k.create_agent(&AgentSpec::new("beta", 5_000_000)).unwrap();
         k.admit(&token, &req()).unwrap();
-        shell(&path).execute("UPDATE teams SET budget_micro = 2000000 WHERE name = 'ops'", []).unwrap();
+        shell(&path).execute("UPDATE teams SET budget_micro = 2000000 WHERE name = 'ops'", &[]).unwrap();
         assert_tampered(k.admit(&token, &req()), "budget_micro");
         assert_audit_names(&k, AuditRule::Counters, "team:ops", "budget_micro");
-        shell(&path).execute("UPDATE teams SET budget_micro = 1000000 WHERE name = 'ops'", []).unwrap();
+        shell(&path).execute("UPDATE teams SET budget_micro = 1000000 WHERE name = 'ops'", &[]).unwrap();
         assert_clean(&k);
-        shell(&path).execute("UPDATE agents SET team_id = NULL WHERE name = 'atlas'", []).unwrap();
+        shell(&path).execute("UPDATE agents SET team_id = NULL WHERE name = 'atlas'", &[]).unwrap();
         assert_tampered(k.admit(&token, &req()), "team");
         assert_audit_names(&k, AuditRule::Policy, "atlas", "team");
     });
@@ -205,7 +205,7 @@ fn a_team_raised_or_reassigned_by_sql_is_refused_and_named() {
 fn deleted_rate_windows_are_named_by_the_audit() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let k = open(&path, key).unwrap();
         let mut spec = AgentSpec::new("atlas", 5_000_000);
         spec.rpm = Some(2);
@@ -216,7 +216,7 @@ fn deleted_rate_windows_are_named_by_the_audit() {
         k.release(&b.execution_id, "not needed").unwrap();
         assert_eq!(k.admit(&token, &req()).unwrap_err().status(), 429);
         assert_clean(&k);
-        assert!(shell(&path).execute("DELETE FROM rate_buckets", []).unwrap() >= 1);
+        assert!(shell(&path).execute("DELETE FROM rate_buckets", &[]).unwrap() >= 1);
         let f = k.audit(None).unwrap().failure.expect("audit missed the deleted rate window");
         assert_eq!((f.rule, f.field.as_deref()), (AuditRule::RateWindow, Some("rate_buckets")), "{f}");
         assert!(f.message.contains("a:1"), "{f}");
@@ -227,10 +227,10 @@ fn deleted_rate_windows_are_named_by_the_audit() {
 fn edited_executions_are_named_by_the_audit() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let (k, token) = with_activity(&path, key);
         let open = k.admit(&token, &req()).unwrap();
-        shell(&path).execute("UPDATE executions SET input_price = 0, output_price = 0 WHERE id = ?1", [&open.execution_id]).unwrap();
+        shell(&path).execute("UPDATE executions SET input_price = 0, output_price = 0 WHERE id = $1", &[V::T(open.execution_id.clone())]).unwrap();
         let f = k.audit(None).unwrap().failure.expect("audit missed the price edit");
         assert_eq!((f.rule, f.execution_id.as_deref()), (AuditRule::Execution, Some(open.execution_id.as_str())), "{f}");
     });
@@ -238,28 +238,28 @@ fn edited_executions_are_named_by_the_audit() {
 
 /// Lowers the first committed cost by 100 and rewrites the whole chain with plain SHA-256, as
 /// someone without the key would, keeping the tables consistent with it.
-fn downgrade_and_reforge(k: &Kernel, path: &Path) {
+fn downgrade_and_reforge(k: &Kernel, db: &str) {
     let plain = ChainHasher::new(None).unwrap();
     let events = k.events(1, 100_000).unwrap();
-    let c = shell(path);
-    c.execute_batch("DROP TRIGGER ledger_no_update; DROP TRIGGER ledger_no_delete;").unwrap();
-    c.execute("UPDATE meta SET value = 'sha256' WHERE key = 'ledger_mode'", []).unwrap();
-    c.execute("UPDATE meta SET value = '' WHERE key = 'ledger_key_check'", []).unwrap();
+    let mut c = shell(db);
+    c.drop_ledger_guards();
+    c.execute("UPDATE meta SET value = 'sha256' WHERE key = 'ledger_mode'", &[]).unwrap();
+    c.execute("UPDATE meta SET value = '' WHERE key = 'ledger_key_check'", &[]).unwrap();
     let mut prev = [0u8; 32];
     let mut edited = false;
     for mut e in events {
         if e.kind == "execution.committed" && !edited {
             edited = true;
             e.amount_micro -= 100;
-            c.execute("UPDATE executions SET cost_micro = cost_micro - 100 WHERE id = ?1", [&e.execution_id]).unwrap();
-            c.execute("UPDATE agents SET spent_micro = spent_micro - 100", []).unwrap();
+            c.execute("UPDATE executions SET cost_micro = cost_micro - 100 WHERE id = $1", &[V::T(e.execution_id.clone().unwrap())]).unwrap();
+            c.execute("UPDATE agents SET spent_micro = spent_micro - 100", &[]).unwrap();
         }
         e.prev_hash = prev;
         e.hash = plain.link(&prev, &e.canonical_bytes());
         prev = e.hash;
         c.execute(
-            "UPDATE ledger SET amount_micro = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1",
-            params![e.seq as i64, e.amount_micro, &e.prev_hash[..], &e.hash[..]],
+            "UPDATE ledger SET amount_micro = $2, prev_hash = $3, hash = $4 WHERE seq = $1",
+            &[V::I(e.seq as i64), V::I(e.amount_micro), V::B(e.prev_hash.to_vec()), V::B(e.hash.to_vec())],
         )
         .unwrap();
     }
@@ -269,13 +269,13 @@ fn downgrade_and_reforge(k: &Kernel, path: &Path) {
 #[test]
 fn a_ledger_mode_downgraded_to_sha256_is_refused_with_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = shared_db(dir.path());
     let (k, _) = with_activity(&path, Some(KEY));
     downgrade_and_reforge(&k, &path);
     drop(k);
     assert_tampered(open(&path, Some(KEY)), "ledger_mode");
     // The same refusal whenever a key is given and the stored mode is missing.
-    shell(&path).execute("DELETE FROM meta WHERE key = 'ledger_mode'", []).unwrap();
+    shell(&path).execute("DELETE FROM meta WHERE key = 'ledger_mode'", &[]).unwrap();
     assert_tampered(open(&path, Some(KEY)), "ledger_mode");
 }
 
@@ -295,9 +295,9 @@ struct Edit<'a> {
 /// Runs the edit's SQL through `run` (this process or another) while executions are open, then
 /// checks that the next admission obeys it, the audit is clean, and the ledger holds one operator
 /// edit of the field from the old value to the new.
-fn operator_edit(key: Option<&[u8]>, edit: &Edit<'_>, run: impl Fn(&Path, &str)) {
+fn operator_edit(key: Option<&[u8]>, edit: &Edit<'_>, run: impl Fn(&str, &str)) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = shared_db(dir.path());
     let (k, token) = with_activity(&path, key);
     k.create_team(&TeamSpec::new("ops", 9_000_000)).unwrap();
     let mut spec = AgentSpec::new("crew", 5_000_000);
@@ -343,7 +343,7 @@ fn edits() -> Vec<Edit<'static>> {
     streaming.streaming = true;
     vec![
         edit("UPDATE agents SET budget_micro = spent_micro WHERE name = 'atlas'", plain(), 402, "budget_exceeded", "budget_micro"),
-        edit("UPDATE agents SET disabled = 1 WHERE name = 'atlas'", plain(), 401, "agent_disabled", "disabled"),
+        edit("UPDATE agents SET disabled = TRUE WHERE name = 'atlas'", plain(), 401, "agent_disabled", "disabled"),
         edit("UPDATE agents SET rpm = 1 WHERE name = 'atlas'", plain(), 429, "agent_rpm", "rpm"),
         edit("UPDATE agents SET tpm = 10 WHERE name = 'atlas'", plain(), 403, "exceeds_rate_limit", "tpm"),
         edit("UPDATE agents SET max_concurrent = 1 WHERE name = 'atlas'", plain(), 429, "agent_concurrency", "max_concurrent"),
@@ -354,10 +354,10 @@ fn edits() -> Vec<Edit<'static>> {
             "model_not_allowed",
             "allowed_models",
         ),
-        edit("UPDATE agents SET strict = 1 WHERE name = 'atlas'", AdmitRequest::new(MODEL), 403, "strict_max_output_tokens", "strict"),
-        edit("UPDATE agents SET allow_tools = 0 WHERE name = 'atlas'", tools, 403, "tools_not_allowed", "allow_tools"),
-        edit("UPDATE agents SET allow_streaming = 0 WHERE name = 'atlas'", streaming, 403, "streaming_not_allowed", "allow_streaming"),
-        edit("UPDATE agents SET allow_vision = 0 WHERE name = 'atlas'", vision, 403, "vision_not_allowed", "allow_vision"),
+        edit("UPDATE agents SET strict = TRUE WHERE name = 'atlas'", AdmitRequest::new(MODEL), 403, "strict_max_output_tokens", "strict"),
+        edit("UPDATE agents SET allow_tools = FALSE WHERE name = 'atlas'", tools, 403, "tools_not_allowed", "allow_tools"),
+        edit("UPDATE agents SET allow_streaming = FALSE WHERE name = 'atlas'", streaming, 403, "streaming_not_allowed", "allow_streaming"),
+        edit("UPDATE agents SET allow_vision = FALSE WHERE name = 'atlas'", vision, 403, "vision_not_allowed", "allow_vision"),
         Edit {
             sql: "UPDATE teams SET budget_micro = spent_micro WHERE name = 'ops'",
             request: plain(),
@@ -373,7 +373,7 @@ fn edits() -> Vec<Edit<'static>> {
 fn restricting_edits_are_ledgered_obeyed_and_audit_clean() {
     both(|key| {
         for edit in edits() {
-            operator_edit(key, &edit, |path, sql| assert_eq!(shell(path).execute(sql, []).unwrap(), 1, "{sql}"));
+            operator_edit(key, &edit, |path, sql| assert_eq!(shell(path).execute(sql, &[]).unwrap(), 1, "{sql}"));
         }
     });
 }
@@ -382,10 +382,10 @@ fn restricting_edits_are_ledgered_obeyed_and_audit_clean() {
 fn live_severing_shows_in_the_audit_without_another_admission() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let (k, token) = with_activity(&path, key);
         let spent = k.agent("atlas").unwrap().spent_micro;
-        shell(&path).execute("UPDATE agents SET budget_micro = spent_micro WHERE name = 'atlas'", []).unwrap();
+        shell(&path).execute("UPDATE agents SET budget_micro = spent_micro WHERE name = 'atlas'", &[]).unwrap();
         assert_clean(&k);
         let edits = events_of_kind(&k, "agent.operator_edit");
         assert_eq!(edits.len(), 1);
@@ -399,12 +399,12 @@ fn live_severing_shows_in_the_audit_without_another_admission() {
 }
 
 /// The child side of the cross-process test: runs `AEX_TEST_SQL` on `AEX_TEST_DB` with its own
-/// SQLite connection, as the `sqlite3` shell would.
+/// connection, as the `sqlite3` shell or `psql` would.
 #[test]
 #[ignore = "run by severing_from_another_process"]
 fn child_runs_sql() {
-    let c = Connection::open(child_env("AEX_TEST_DB")).unwrap();
-    let n = c.execute(&child_env("AEX_TEST_SQL"), []).unwrap();
+    let mut c = Raw::open(&child_env("AEX_TEST_DB"));
+    let n = c.execute(&child_env("AEX_TEST_SQL"), &[]).unwrap();
     println!("{MARK}rows {n}");
 }
 
@@ -413,7 +413,7 @@ fn severing_from_another_process() {
     both(|key| {
         let edit = &edits()[0];
         operator_edit(key, edit, |path, sql| {
-            let mut child = spawn_child("child_runs_sql", &[("AEX_TEST_DB", path.to_str().unwrap()), ("AEX_TEST_SQL", sql)]);
+            let mut child = spawn_child("child_runs_sql", &[("AEX_TEST_DB", path), ("AEX_TEST_SQL", sql)]);
             let lines: Vec<String> = child_lines(&mut child).collect();
             assert!(child.wait().unwrap().success());
             assert_eq!(lines, ["rows 1"]);
@@ -423,13 +423,13 @@ fn severing_from_another_process() {
 
 /// Rewrites the ledger as a version before seals wrote it (no `token_sha256` in creations and
 /// rotations) and re-chains it with `key`, as that version would have.
-fn rewrite_as_before_seals(path: &Path, key: Option<&[u8]>) {
+fn rewrite_as_before_seals(db: &str, key: Option<&[u8]>) {
     let hasher = ChainHasher::new(key).unwrap();
-    let k = open(path, key).unwrap();
+    let k = open(db, key).unwrap();
     let events = k.events(1, 100_000).unwrap();
     drop(k);
-    let c = shell(path);
-    c.execute_batch("DROP TRIGGER ledger_no_update; DROP TRIGGER ledger_no_delete;").unwrap();
+    let mut c = shell(db);
+    c.drop_ledger_guards();
     let mut prev = [0u8; 32];
     for mut e in events {
         let mut d: serde_json::Value = serde_json::from_str(&e.data).unwrap();
@@ -440,8 +440,11 @@ fn rewrite_as_before_seals(path: &Path, key: Option<&[u8]>) {
         e.prev_hash = prev;
         e.hash = hasher.link(&prev, &e.canonical_bytes());
         prev = e.hash;
-        c.execute("UPDATE ledger SET data = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1", params![e.seq as i64, e.data, &e.prev_hash[..], &e.hash[..]])
-            .unwrap();
+        c.execute(
+            "UPDATE ledger SET data = $2, prev_hash = $3, hash = $4 WHERE seq = $1",
+            &[V::I(e.seq as i64), V::T(e.data.clone()), V::B(e.prev_hash.to_vec()), V::B(e.hash.to_vec())],
+        )
+        .unwrap();
     }
 }
 
@@ -449,14 +452,14 @@ fn rewrite_as_before_seals(path: &Path, key: Option<&[u8]>) {
 fn rows_written_before_seals_are_sealed_once_on_open() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let (k, token) = with_activity(&path, key);
         k.create_team(&TeamSpec::new("ops", 1_000)).unwrap();
         drop(k);
         // As a database from before seals: no seal columns filled, no mark, and a ledger written
         // as aex wrote it then (creations without a token digest), chained with the same hasher.
-        let c = shell(&path);
-        c.execute_batch("UPDATE agents SET seal = NULL, seal_tag = NULL; UPDATE teams SET seal = NULL, seal_tag = NULL; DELETE FROM meta WHERE key = 'sealed';").unwrap();
+        let mut c = shell(&path);
+        c.batch("UPDATE agents SET seal = NULL, seal_tag = NULL; UPDATE teams SET seal = NULL, seal_tag = NULL; DELETE FROM meta WHERE key = 'sealed';");
         rewrite_as_before_seals(&path, key);
         let k = open(&path, key).unwrap();
         assert_eq!(events_of_kind(&k, "agent.recorded").len(), 1);
@@ -464,7 +467,7 @@ fn rows_written_before_seals_are_sealed_once_on_open() {
         k.admit(&token, &req()).unwrap();
         assert_clean(&k);
         // Once sealed, a missing seal is tampering again.
-        c.execute("UPDATE agents SET seal = NULL", []).unwrap();
+        c.execute("UPDATE agents SET seal = NULL", &[]).unwrap();
         assert_tampered(k.admit(&token, &req()), "seal");
     });
 }
@@ -476,7 +479,7 @@ fn rows_written_before_seals_are_sealed_once_on_open() {
 fn an_edited_open_execution_is_not_settled_into_free_budget() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let k = open(&path, key).unwrap();
         k.create_team(&TeamSpec { name: "pool".into(), budget_micro: 2_000, parent: None }).unwrap();
         let mut spec = AgentSpec::new("atlas", 1_000);
@@ -486,11 +489,14 @@ fn an_edited_open_execution_is_not_settled_into_free_budget() {
         agent(&k, "gamma", 1_000);
         let small = || AdmitRequest::new(MODEL).input_tokens(1_000).max_output_tokens(500);
         let inflated = k.admit(&token, &small()).unwrap();
-        shell(&path).execute("UPDATE executions SET reserved_micro = 1000000000 WHERE id = ?1", [&inflated.execution_id]).unwrap();
+        shell(&path).execute("UPDATE executions SET reserved_micro = 1000000000 WHERE id = $1", &[V::T(inflated.execution_id.clone())]).unwrap();
         assert_tampered(k.release(&inflated.execution_id, "cancelled"), "reserved_micro");
         let moved = k.admit(&other, &small()).unwrap();
         shell(&path)
-            .execute("UPDATE executions SET agent_id = (SELECT id FROM agents WHERE name = 'gamma'), agent = 'gamma' WHERE id = ?1", [&moved.execution_id])
+            .execute(
+                "UPDATE executions SET agent_id = (SELECT id FROM agents WHERE name = 'gamma'), agent = 'gamma' WHERE id = $1",
+                &[V::T(moved.execution_id.clone())],
+            )
             .unwrap();
         // gamma holds nothing: the moved reservation would leave it below zero.
         k.commit(&inflated.execution_id, Usage::new(0, 0)).unwrap_err();
@@ -511,11 +517,10 @@ fn an_edited_open_execution_is_not_settled_into_free_budget() {
 fn a_removed_seal_is_not_baselined_again() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let (k, token) = with_activity(&path, key);
         drop(k);
-        let sh = shell(&path);
-        sh.execute_batch("UPDATE agents SET budget_micro = 1000000000, seal = NULL, seal_tag = NULL; DELETE FROM meta WHERE key = 'sealed';").unwrap();
+        shell(&path).batch("UPDATE agents SET budget_micro = 1000000000, seal = NULL, seal_tag = NULL; DELETE FROM meta WHERE key = 'sealed';");
         let k = open(&path, key).unwrap();
         assert!(events_of_kind(&k, "agent.recorded").is_empty(), "no baseline over a loosened row");
         assert_tampered(k.admit(&token, &req()), "seal");
@@ -530,19 +535,19 @@ fn a_removed_seal_is_not_baselined_again() {
 fn limits_out_of_range_are_checked_not_fatal() {
     both(|key| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = shared_db(dir.path());
         let (k, token) = with_activity(&path, key);
         let beta = agent(&k, "beta", 1_000_000);
-        shell(&path).execute("UPDATE agents SET rpm = 1099511627776 WHERE name = 'atlas'", []).unwrap();
+        shell(&path).execute("UPDATE agents SET rpm = 1099511627776 WHERE name = 'atlas'", &[]).unwrap();
         assert_tampered(k.admit(&token, &req()), "rpm");
         k.admit(&beta, &req()).unwrap();
         assert!(k.audit(None).is_ok(), "the audit runs");
-        shell(&path).execute("UPDATE agents SET rpm = -1, max_concurrent = -1 WHERE name = 'beta'", []).unwrap();
+        shell(&path).execute("UPDATE agents SET rpm = -1, max_concurrent = -1 WHERE name = 'beta'", &[]).unwrap();
         let denied = k.admit(&beta, &req()).unwrap_err();
         assert!(denied.is_denial(), "a negative limit lets nothing through: {denied}");
         assert_eq!(k.list_agents().unwrap().len(), 2);
         let too_many: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
-        shell(&path).execute("UPDATE agents SET allowed_models = ?1 WHERE name = 'beta'", [serde_json::to_string(&too_many).unwrap()]).unwrap();
+        shell(&path).execute("UPDATE agents SET allowed_models = $1 WHERE name = 'beta'", &[V::T(serde_json::to_string(&too_many).unwrap())]).unwrap();
         assert_tampered(k.admit(&beta, &req()), "allowed_models");
     });
 }

@@ -1,6 +1,7 @@
 //! Secrets and scopes: after a workload that issues, rotates, expires and misuses tokens, no
-//! token (nor its secret part) is found in any database file, ledger event, error text, error
-//! JSON or `Debug` output; a read-only token cannot admit by any path.
+//! token (nor its secret part) is found in any database file or table, ledger event, error text,
+//! error JSON or `Debug` output; a read-only token cannot admit by any path. Part of the
+//! conformance suite: on SQLite, and on PostgreSQL when `AEX_TEST_POSTGRES` names a server.
 
 mod common;
 
@@ -22,7 +23,8 @@ fn no_token_reaches_files_ledger_errors_or_debug_output() {
     let dir = tempfile::tempdir().unwrap();
     let clock = aex_core::ManualClock::new(T0);
     let options = KernelOptions { store: aex_core::StoreOptions { durability: aex_core::Durability::Normal, ..Default::default() }, ..options(&clock) };
-    let k = Kernel::open(dir.path().join("aex.db"), options.clone()).unwrap();
+    let db = shared_db(dir.path());
+    let k = Kernel::open(&db, options.clone()).unwrap();
     let mut secrets: Vec<String> = Vec::new();
     let mut texts: Vec<String> = vec![format!("{k:?}"), format!("{options:?}")];
 
@@ -69,14 +71,20 @@ fn no_token_reaches_files_ledger_errors_or_debug_output() {
     }
     drop(k);
 
-    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|entry| {
-            let path = entry.unwrap().path();
-            (path.display().to_string(), std::fs::read(&path).unwrap())
-        })
-        .collect();
-    assert!(files.len() >= 2, "the database and its lock file: {:?}", files.iter().map(|f| &f.0).collect::<Vec<_>>());
+    // Every table's rows, and on SQLite every file byte (free pages and the WAL included).
+    let mut files = common::raw::Raw::open(&db).dump();
+    if !db.starts_with("postgresql://") {
+        let on_disk: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| {
+                let path = entry.unwrap().path();
+                (path.display().to_string(), std::fs::read(&path).unwrap())
+            })
+            .collect();
+        assert!(on_disk.len() >= 2, "the database and its lock file: {:?}", on_disk.iter().map(|f| &f.0).collect::<Vec<_>>());
+        files.extend(on_disk);
+    }
+    assert!(files.iter().any(|(name, rows)| name == "ledger" && !rows.is_empty()), "the dump holds the ledger");
     for secret in &secrets {
         // Past the 10-character display prefix ("aex_" + 6 hex digits), which is not secret.
         let part = &secret[10..];
@@ -108,7 +116,7 @@ fn a_read_only_token_cannot_admit_and_leaves_nothing_reserved() {
 fn refused_tokens_write_a_bounded_number_of_events() {
     use aex_core::admission::REFUSED_TOKENS_WINDOW_MS;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = shared_db(dir.path());
     let clock = aex_core::ManualClock::new(T0);
     let k = Kernel::open(&path, options(&clock)).unwrap();
     let token = agent(&k, "atlas", 1_000_000);

@@ -1,20 +1,25 @@
 //! Tamper tests: every edit to the ledger or the counters is reported precisely by `audit`.
+//! Part of the conformance suite: on a SQLite file, or a PostgreSQL database when
+//! `AEX_TEST_POSTGRES` names a server (edited through a connection of the attacker's own).
 
 mod common;
 
-use std::path::Path;
-
 use aex_core::ledger::ChainHasher;
 use aex_core::{AdmitRequest, AuditRule, Kernel, KernelOptions, Usage};
+use common::raw::{Raw, V};
 use common::*;
-use rusqlite::{Connection, params};
+
+/// A new database for one history: a file in `dir`, or a database on the test server.
+fn new_db(dir: &tempfile::TempDir) -> String {
+    shared_db(dir.path())
+}
 
 /// Builds a known history and returns the kernel. Events:
 /// 1 config loaded, 2 created atlas, 3 created beta, 4 reserved e1, 5 dispatched e1,
 /// 6 committed e1, 7 reserved e2, 8 released e2, 9 denied.
-fn history(path: &Path, key: Option<&[u8]>) -> Kernel {
+fn history(db: &str, key: Option<&[u8]>) -> Kernel {
     let options = KernelOptions { config: config(), ledger_key: key.map(<[u8]>::to_vec), ..Default::default() };
-    let k = Kernel::open(path, options).unwrap();
+    let k = Kernel::open(db, options).unwrap();
     let atlas = agent(&k, "atlas", 1_000_000);
     let beta = agent(&k, "beta", 500);
     let req = || AdmitRequest::new(MODEL).input_tokens(1_000).max_output_tokens(500);
@@ -29,10 +34,10 @@ fn history(path: &Path, key: Option<&[u8]>) -> Kernel {
     k
 }
 
-/// An attacker with the file: the append-only triggers are no obstacle.
-fn attacker(path: &Path) -> Connection {
-    let c = Connection::open(path).unwrap();
-    c.execute_batch("DROP TRIGGER ledger_no_update; DROP TRIGGER ledger_no_delete;").unwrap();
+/// An attacker with the file, or the server's password: the append-only triggers are no obstacle.
+fn attacker(db: &str) -> Raw {
+    let mut c = Raw::open(db);
+    c.drop_ledger_guards();
     c
 }
 
@@ -51,11 +56,11 @@ fn flip(blob: Vec<u8>) -> Vec<u8> {
 #[test]
 fn the_ledger_refuses_updates_and_deletes_through_sql() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = new_db(&dir);
     let _k = history(&path, None);
-    let c = Connection::open(&path).unwrap();
-    assert!(c.execute("UPDATE ledger SET amount_micro = 0 WHERE seq = 6", []).is_err());
-    assert!(c.execute("DELETE FROM ledger WHERE seq = 9", []).is_err());
+    let mut c = Raw::open(&path);
+    assert!(c.execute("UPDATE ledger SET amount_micro = 0 WHERE seq = 6", &[]).is_err());
+    assert!(c.execute("DELETE FROM ledger WHERE seq = 9", &[]).is_err());
 }
 
 #[test]
@@ -70,25 +75,25 @@ fn one_changed_byte_in_any_field_is_found_at_its_seq() {
     ];
     for (field, sql, rule) in edits {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = new_db(&dir);
         let k = history(&path, None);
-        assert_eq!(attacker(&path).execute(sql, []).unwrap(), 1, "{field}");
+        assert_eq!(attacker(&path).execute(sql, &[]).unwrap(), 1, "{field}");
         let f = expect(&k, *rule, Some(6));
         assert!(f.message.contains("hash"), "{field}: {f}");
     }
     for (column, rule) in [("prev_hash", AuditRule::Link), ("hash", AuditRule::Hash)] {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = new_db(&dir);
         let k = history(&path, None);
-        let c = attacker(&path);
-        let blob: Vec<u8> = c.query_row(&format!("SELECT {column} FROM ledger WHERE seq = 6"), [], |r| r.get(0)).unwrap();
-        c.execute(&format!("UPDATE ledger SET {column} = ?1 WHERE seq = 6"), [flip(blob)]).unwrap();
+        let mut c = attacker(&path);
+        let blob = c.blob(&format!("SELECT {column} FROM ledger WHERE seq = 6"));
+        c.execute(&format!("UPDATE ledger SET {column} = $1 WHERE seq = 6"), &[V::B(flip(blob))]).unwrap();
         expect(&k, rule, Some(6));
     }
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = new_db(&dir);
     let k = history(&path, None);
-    attacker(&path).execute("UPDATE ledger SET seq = 1006 WHERE seq = 6", []).unwrap();
+    attacker(&path).execute("UPDATE ledger SET seq = 1006 WHERE seq = 6", &[]).unwrap();
     let f = expect(&k, AuditRule::Sequence, Some(6));
     assert!(f.message.contains("event 6 is missing"), "{f}");
 }
@@ -96,33 +101,30 @@ fn one_changed_byte_in_any_field_is_found_at_its_seq() {
 #[test]
 fn a_deleted_event_is_found() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = new_db(&dir);
     let k = history(&path, None);
-    attacker(&path).execute("DELETE FROM ledger WHERE seq = 5", []).unwrap();
+    attacker(&path).execute("DELETE FROM ledger WHERE seq = 5", &[]).unwrap();
     expect(&k, AuditRule::Sequence, Some(5));
 }
 
 #[test]
 fn swapped_events_are_found() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = new_db(&dir);
     let k = history(&path, None);
-    let c = attacker(&path);
-    c.execute_batch(
-        "UPDATE ledger SET seq = -7 WHERE seq = 7; UPDATE ledger SET seq = 7 WHERE seq = 8; UPDATE ledger SET seq = 8 WHERE seq = -7;",
-    )
-    .unwrap();
+    attacker(&path)
+        .batch("UPDATE ledger SET seq = -7 WHERE seq = 7; UPDATE ledger SET seq = 7 WHERE seq = 8; UPDATE ledger SET seq = 8 WHERE seq = -7;");
     expect(&k, AuditRule::Link, Some(7));
 }
 
 #[test]
 fn removing_the_newest_event_is_found_by_an_anchor() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = new_db(&dir);
     let k = history(&path, None);
     let anchor = k.head().unwrap().unwrap();
     assert!(k.audit(Some(&anchor)).unwrap().is_clean());
-    attacker(&path).execute("DELETE FROM ledger WHERE seq = 9", []).unwrap();
+    attacker(&path).execute("DELETE FROM ledger WHERE seq = 9", &[]).unwrap();
     assert!(k.audit(None).unwrap().is_clean(), "a denial moved no money: only the anchor can tell");
     let f = k.audit(Some(&anchor)).unwrap().failure.unwrap();
     assert_eq!((f.rule, f.seq), (AuditRule::Anchor, Some(9)), "{f}");
@@ -139,9 +141,9 @@ fn edited_counters_are_found_with_the_agent_named() {
     ];
     for (sql, rule, name) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("aex.db");
+        let path = new_db(&dir);
         let k = history(&path, None);
-        attacker(&path).execute(sql, []).unwrap();
+        attacker(&path).execute(sql, &[]).unwrap();
         let f = expect(&k, *rule, None);
         assert_eq!(f.agent.as_deref(), Some(*name), "{sql}: {f}");
     }
@@ -150,7 +152,7 @@ fn edited_counters_are_found_with_the_agent_named() {
 #[test]
 fn a_second_terminal_event_is_found() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = new_db(&dir);
     let k = history(&path, None);
     // Forge a well-chained extra release of e2 at the head: the chain holds, the rule does not.
     let head = k.head().unwrap().unwrap();
@@ -160,8 +162,19 @@ fn a_second_terminal_event_is_found() {
     forged.hash = ChainHasher::new(None).unwrap().link(&head.hash, &forged.canonical_bytes());
     attacker(&path)
         .execute(
-            "INSERT INTO ledger VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
-            params![forged.seq as i64, forged.ts_ms, forged.kind, forged.agent, forged.execution_id, forged.amount_micro, forged.data, &forged.prev_hash[..], &forged.hash[..]],
+            "INSERT INTO ledger (seq, ts_ms, kind, agent, execution_id, amount_micro, data, prev_hash, hash) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+            &[
+                V::I(forged.seq as i64),
+                V::I(forged.ts_ms),
+                V::T(forged.kind),
+                V::T(forged.agent.unwrap()),
+                V::T(forged.execution_id.unwrap()),
+                V::I(forged.amount_micro),
+                V::T(forged.data),
+                V::B(forged.prev_hash.to_vec()),
+                V::B(forged.hash.to_vec()),
+            ],
         )
         .unwrap();
     let f = expect(&k, AuditRule::OneTerminal, Some(10));
@@ -170,9 +183,9 @@ fn a_second_terminal_event_is_found() {
 
 /// Rewrites every event from `from` on with a plain SHA-256 chain, as an attacker without the key
 /// would, after changing event `edit_seq`'s amount.
-fn reforge_with_sha256(k: &Kernel, path: &Path, edit_seq: u64) {
+fn reforge_with_sha256(k: &Kernel, db: &str, edit_seq: u64) {
     let plain = ChainHasher::new(None).unwrap();
-    let c = attacker(path);
+    let mut c = attacker(db);
     let mut prev = [0u8; 32];
     for mut e in k.events(1, 1_000).unwrap() {
         if e.seq == edit_seq {
@@ -182,8 +195,8 @@ fn reforge_with_sha256(k: &Kernel, path: &Path, edit_seq: u64) {
         e.hash = plain.link(&prev, &e.canonical_bytes());
         prev = e.hash;
         c.execute(
-            "UPDATE ledger SET amount_micro = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1",
-            params![e.seq as i64, e.amount_micro, &e.prev_hash[..], &e.hash[..]],
+            "UPDATE ledger SET amount_micro = $2, prev_hash = $3, hash = $4 WHERE seq = $1",
+            &[V::I(e.seq as i64), V::I(e.amount_micro), V::B(e.prev_hash.to_vec()), V::B(e.hash.to_vec())],
         )
         .unwrap();
     }
@@ -192,7 +205,7 @@ fn reforge_with_sha256(k: &Kernel, path: &Path, edit_seq: u64) {
 #[test]
 fn a_recomputed_sha256_chain_is_caught_under_an_hmac_key() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = new_db(&dir);
     let k = history(&path, Some(b"ledger-secret"));
     reforge_with_sha256(&k, &path, 6);
     expect(&k, AuditRule::Hash, Some(1));
@@ -201,7 +214,7 @@ fn a_recomputed_sha256_chain_is_caught_under_an_hmac_key() {
 #[test]
 fn without_a_key_a_recomputed_chain_still_fails_replay() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("aex.db");
+    let path = new_db(&dir);
     let k = history(&path, None);
     reforge_with_sha256(&k, &path, 6);
     // The lowered commit no longer matches its usage at the prices its reservation froze.
