@@ -210,3 +210,169 @@ fn tls_is_used_as_sslmode_says_and_a_certificate_from_elsewhere_is_refused() {
     assert_eq!(encrypted(&admin, &url), "f");
     drop(k);
 }
+
+/// What the [`CuttingProxy`] does with the next `COMMIT` it sees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Nothing: every message passes.
+    Off,
+    /// Delivers the `COMMIT` to the server, then cuts the client off before any answer.
+    AfterCommit,
+    /// Cuts both sides before the `COMMIT` reaches the server.
+    BeforeCommit,
+}
+
+/// A TCP proxy in front of the test server that reads the protocol's messages from the client
+/// and can cut a connection exactly at a `COMMIT`: the connection lost during `COMMIT`, whose
+/// outcome the client cannot know. (Plain TCP: use `sslmode=disable` through it.)
+struct CuttingProxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::Mutex<Cut>>,
+}
+
+impl CuttingProxy {
+    fn start(server_port: u16) -> CuttingProxy {
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(Mutex::new(Cut::Off));
+        let shared = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let server = std::net::TcpStream::connect(("127.0.0.1", server_port)).unwrap();
+                let cut = shared.clone();
+                std::thread::spawn(move || proxy_connection(client, server, cut));
+            }
+        });
+        CuttingProxy { port, cut }
+    }
+
+    fn arm(&self, how: Cut) {
+        *self.cut.lock().unwrap() = how;
+    }
+}
+
+fn proxy_connection(client: std::net::TcpStream, server: std::net::TcpStream, cut: std::sync::Arc<std::sync::Mutex<Cut>>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let severed = std::sync::Arc::new(AtomicBool::new(false));
+    // Server to client: bytes as they come, until the connection is severed.
+    let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+    let quiet = severed.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n) = from_server.read(&mut buf) {
+            if n == 0 || quiet.load(Ordering::SeqCst) || to_client.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to_client.shutdown(std::net::Shutdown::Both);
+    });
+    // Client to server: message by message (the startup message has no type byte).
+    let (mut from_client, mut to_server) = (client, server);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut started = false;
+    let mut commit_statement: Option<Vec<u8>> = None;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from_client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        loop {
+            let (header, kind) = if started { (5, pending.first().copied()) } else { (4, None) };
+            if pending.len() < header {
+                break;
+            }
+            let at = header - 4;
+            let len = u32::from_be_bytes(pending[at..at + 4].try_into().unwrap()) as usize;
+            if pending.len() < at + len {
+                break;
+            }
+            let message: Vec<u8> = pending.drain(..at + len).collect();
+            let body = &message[header..];
+            started = true;
+            match kind {
+                // Parse: statement name, then its text.
+                Some(b'P') => {
+                    let mut parts = body.split(|&b| b == 0);
+                    let (name, text) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+                    if text == b"COMMIT" {
+                        commit_statement = Some(name.to_vec());
+                    }
+                }
+                // Bind: portal name, then statement name.
+                Some(b'B') => {
+                    let statement = body.split(|&b| b == 0).nth(1).unwrap_or_default();
+                    let how = *cut.lock().unwrap();
+                    if how != Cut::Off && commit_statement.as_deref() == Some(statement) {
+                        *cut.lock().unwrap() = Cut::Off;
+                        severed.store(true, Ordering::SeqCst);
+                        if how == Cut::AfterCommit {
+                            // The COMMIT's Bind, Execute and Sync reach the server; no answer
+                            // reaches the client.
+                            let _ = to_server.write_all(&message);
+                            let _ = to_server.write_all(&pending);
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                        }
+                        let _ = to_server.shutdown(std::net::Shutdown::Both);
+                        let _ = from_client.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                }
+                _ => {}
+            }
+            if to_server.write_all(&message).is_err() {
+                return;
+            }
+        }
+    }
+    let _ = to_server.shutdown(std::net::Shutdown::Both);
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: scripts/test runs it with AEX_TEST_POSTGRES"]
+fn a_commit_whose_outcome_is_unknown_is_settled_by_retrying_with_the_same_id() {
+    let admin = server();
+    let url = fresh(&admin);
+    let port: u16 = url.rsplit_once(':').unwrap().1.split('/').next().unwrap().parse().unwrap();
+    let proxy = CuttingProxy::start(port);
+    let through = format!("{}:{}/{}?sslmode=disable", url.rsplit_once(':').unwrap().0, proxy.port, url.rsplit_once('/').unwrap().1);
+    let k = Kernel::open(&through, options()).unwrap();
+    let token = agent(&k, "atlas", 10_000_000);
+    let request = |id: &str| AdmitRequest::new(MODEL).input_tokens(1_000).max_output_tokens(500).execution_id(id);
+    let reserved_once = {
+        let a = k.admit(&token, &request("probe")).unwrap();
+        k.release(&a.execution_id, "probe").unwrap();
+        a.reserved_micro
+    };
+    for (how, id) in [(Cut::AfterCommit, "delivered"), (Cut::BeforeCommit, "lost")] {
+        // The admission's COMMIT: cut.
+        proxy.arm(how);
+        let e = k.admit(&token, &request(id)).unwrap_err();
+        assert!(matches!(e, Error::Unavailable(_)) && e.to_string().contains("outcome is unknown"), "{e}");
+        // Retried with the same id (the kernel reconnects): one reservation, whatever happened.
+        let a = k.admit(&token, &request(id)).unwrap();
+        assert_eq!(a.replayed, how == Cut::AfterCommit, "{id}: the first admission {} the server", if a.replayed { "reached" } else { "never reached" });
+        assert_eq!(k.agent("atlas").unwrap().reserved_micro, reserved_once, "{id}");
+        // The settlement's COMMIT: cut, then retried.
+        proxy.arm(how);
+        let e = k.commit(id, Usage::new(1_000, 400)).unwrap_err();
+        assert!(matches!(e, Error::Unavailable(_)) && e.to_string().contains("outcome is unknown"), "{e}");
+        let s = k.commit(id, Usage::new(1_000, 400)).unwrap();
+        assert_eq!(s.replayed, how == Cut::AfterCommit, "{id}");
+        assert_eq!(k.agent("atlas").unwrap().reserved_micro, 0, "{id}");
+    }
+    // Charged exactly once each: the ledger holds one reservation and one commitment per id.
+    let events = k.events(1, 10_000).unwrap();
+    for id in ["delivered", "lost"] {
+        let of = |kind: &str| events.iter().filter(|e| e.execution_id.as_deref() == Some(id) && e.kind == kind).count();
+        assert_eq!((of("execution.reserved"), of("execution.committed")), (1, 1), "{id}");
+    }
+    let atlas = k.agent("atlas").unwrap();
+    let committed: i64 = events.iter().filter(|e| e.kind == "execution.committed").map(|e| e.amount_micro).sum();
+    assert_eq!(atlas.spent_micro, committed);
+    assert_clean(&k);
+}
