@@ -202,7 +202,13 @@ fn tls_is_used_as_sslmode_says_and_a_certificate_from_elsewhere_is_refused() {
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
     let e = Kernel::open(format!("{url}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"), options()).unwrap_err();
     assert!(e.to_string().contains("sslrootcert") && e.to_string().contains("/nonexistent/ca.pem"), "{e}");
-    // require encrypts without checking; disable does not encrypt.
+    // require and prefer check the chain when given trusted certificates, as libpq does.
+    for mode in ["require", "prefer"] {
+        let e = Kernel::open(format!("{url}?sslmode={mode}&sslrootcert={}", other_ca.display()), options()).unwrap_err();
+        assert!(e.to_string().to_lowercase().contains("certificate"), "{mode}: {e}");
+        Kernel::open(format!("{url}?sslmode={mode}&sslrootcert={ca}"), options()).unwrap();
+    }
+    // require without certificates encrypts without checking; disable does not encrypt.
     let k = Kernel::open(format!("{url}?sslmode=require"), options()).unwrap();
     assert_eq!(encrypted(&admin, &url), "t");
     drop(k);
@@ -375,4 +381,51 @@ fn a_commit_whose_outcome_is_unknown_is_settled_by_retrying_with_the_same_id() {
     let committed: i64 = events.iter().filter(|e| e.kind == "execution.committed").map(|e| e.amount_micro).sum();
     assert_eq!(atlas.spent_micro, committed);
     assert_clean(&k);
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: scripts/test runs it with AEX_TEST_POSTGRES"]
+fn a_server_whose_default_isolation_is_stricter_changes_nothing() {
+    let admin = server();
+    let url = fresh(&admin);
+    let db = url.rsplit_once('/').unwrap().1.to_string();
+    psql(&admin, &format!("ALTER DATABASE {db} SET default_transaction_isolation = 'repeatable read'"));
+    let k = Kernel::open(&url, options()).unwrap();
+    let token = agent(&k, "atlas", 10_000_000);
+    let kernels: Vec<Kernel> = (0..3).map(|_| Kernel::open(&url, options()).unwrap()).collect();
+    std::thread::scope(|s| {
+        for k in &kernels {
+            for _ in 0..3 {
+                let token = &token;
+                s.spawn(move || {
+                    for _ in 0..15 {
+                        let a = k.admit(token, &AdmitRequest::new(MODEL).input_tokens(100).max_output_tokens(100)).unwrap();
+                        k.commit(&a.execution_id, Usage::new(100, 10)).unwrap();
+                    }
+                });
+            }
+        }
+    });
+    assert_eq!(k.agent("atlas").unwrap().reserved_micro, 0);
+    assert_clean(&k);
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: scripts/test runs it with AEX_TEST_POSTGRES"]
+fn a_column_type_changed_by_hand_costs_one_call_not_every_call() {
+    let admin = server();
+    let url = fresh(&admin);
+    let k = Kernel::open(&url, options()).unwrap();
+    let token = agent(&k, "atlas", 10_000_000);
+    let request = AdmitRequest::new(MODEL).input_tokens(100).max_output_tokens(100);
+    k.admit(&token, &request).unwrap();
+    // The prepared statements' result types change under them.
+    psql(&url, "ALTER TABLE agents ALTER COLUMN token_prefix TYPE varchar(64)");
+    match k.admit(&token, &request) {
+        Ok(_) => {}
+        Err(e) => assert!(matches!(e, Error::Unavailable(_)), "{e:?}"),
+    }
+    for _ in 0..3 {
+        k.admit(&token, &request).unwrap();
+    }
 }

@@ -235,6 +235,10 @@ fn what_each_writer_of_a_batch_is_told_is_what_the_store_holds() {
                     increment(tx)?;
                     tx.set_meta(&format!("key{i}"), value)
                 });
+                if let Err(e) = &result {
+                    // A writer whose own change was fine is told plainly why it was undone.
+                    assert!(!e.to_string().contains("savepoint") && !e.to_string().contains("aborted"), "{e}");
+                }
                 *told[i].lock().unwrap() = Some(result.is_ok());
             }) as Box<dyn FnOnce() + Send + '_>
         })

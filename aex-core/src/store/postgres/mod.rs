@@ -137,12 +137,17 @@ struct Conn {
 }
 
 impl Conn {
+    /// Whether `sql` is prepared on this connection already.
+    fn is_prepared(&self, sql: &str) -> bool {
+        self.statements.contains_key(sql)
+    }
+
     /// The prepared statement for `sql`, prepared on first use (one round trip per connection).
     fn statement(&mut self, rt: &Runtime, sql: &'static str) -> std::result::Result<Statement, tokio_postgres::Error> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = rt.block_on(self.client.prepare(sql)).inspect_err(|e| self.broken |= ends_session(e))?;
+        let s = rt.block_on(self.client.prepare(sql)).inspect_err(|e| self.broken |= needs_new_connection(e))?;
         self.statements.insert(sql, s.clone());
         Ok(s)
     }
@@ -385,6 +390,15 @@ fn plain(e: &tokio_postgres::Error) -> String {
 }
 
 fn pg(e: &tokio_postgres::Error) -> Error {
+    use tokio_postgres::error::SqlState;
+    if matches!(e.code(), Some(c) if *c == SqlState::IN_FAILED_SQL_TRANSACTION || *c == SqlState::S_E_INVALID_SPECIFICATION) {
+        // What follows a refused statement in the same transaction (in a group commit, another
+        // caller's): the refusal itself is reported to whoever made it.
+        return Error::Unavailable(
+            "the transaction was rolled back: a write before this one in it (in a group commit, another caller's) was refused by PostgreSQL"
+                .into(),
+        );
+    }
     if e.is_closed() || e.as_db_error().is_none() {
         Error::Unavailable(format!("the PostgreSQL connection failed: {}", plain(e)))
     } else {
@@ -396,6 +410,14 @@ fn pg(e: &tokio_postgres::Error) -> Error {
 /// session (a `FATAL` error: terminated by an administrator, a shutdown, an idle timeout).
 fn ends_session(e: &tokio_postgres::Error) -> bool {
     e.is_closed() || e.as_db_error().is_none_or(|db| matches!(db.severity(), "FATAL" | "PANIC"))
+}
+
+/// Whether an error means the connection must be made again: the session is over, or its
+/// prepared statements no longer fit the tables (a column's type changed by hand: "cached plan
+/// must not change result type") or are gone (a pooler between discarded them).
+fn needs_new_connection(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    ends_session(e) || matches!(e.code(), Some(c) if *c == SqlState::FEATURE_NOT_SUPPORTED || *c == SqlState::INVALID_SQL_STATEMENT_NAME)
 }
 
 fn is_unique_violation(e: &tokio_postgres::Error) -> bool {

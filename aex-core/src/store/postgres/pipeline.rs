@@ -22,7 +22,7 @@ use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Row, Statement};
 
 use super::tx::{agent_from_row, execution_from_row, get};
-use super::{ends_session, pg, plain, Conn, WRITE_LOCK};
+use super::{needs_new_connection, pg, plain, Conn, WRITE_LOCK};
 use crate::agent::Agent;
 use crate::auth::TokenHash;
 use crate::error::{Error, Result};
@@ -103,9 +103,14 @@ pub(super) struct Pipe<'c> {
     sent: bool,
     /// Whether a write was queued ([`Pipe::defer`]).
     wrote: bool,
+    /// Whether a `ROLLBACK TO SAVEPOINT` waits in the queue: until it is sent the server's
+    /// transaction may stand aborted, where preparing a statement would fail.
+    recovering: bool,
     pub(super) cache: Cache,
 }
 
+/// A write transaction's start.
+const BEGIN_WRITE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE";
 /// A read transaction's start: one consistent, read-only snapshot.
 const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
 /// The latest ledger entry.
@@ -114,8 +119,10 @@ pub(super) const HEAD: &str = "SELECT seq, hash FROM ledger ORDER BY seq DESC LI
 impl<'c> Pipe<'c> {
     /// A write transaction: `BEGIN`, the write lock and the ledger's head, all queued.
     pub(super) fn write(rt: &'c Runtime, conn: &'c mut Conn) -> Result<Pipe<'c>> {
-        let mut pipe = Pipe { rt, conn, queue: Vec::new(), failed: None, sent: false, wrote: false, cache: Cache::default() };
-        pipe.queue("BEGIN", &[], Purpose::Check)?;
+        let mut pipe = Pipe { rt, conn, queue: Vec::new(), failed: None, sent: false, wrote: false, recovering: false, cache: Cache::default() };
+        // READ COMMITTED whatever the server's default: each statement after the lock sees every
+        // commit before it (a snapshot taken before the lock would not).
+        pipe.queue(BEGIN_WRITE, &[], Purpose::Check)?;
         pipe.queue("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK], Purpose::Check)?;
         pipe.queue(HEAD, &[], Purpose::Head)?;
         Ok(pipe)
@@ -123,7 +130,7 @@ impl<'c> Pipe<'c> {
 
     /// A read transaction: its `BEGIN`, queued.
     pub(super) fn read(rt: &'c Runtime, conn: &'c mut Conn) -> Result<Pipe<'c>> {
-        let mut pipe = Pipe { rt, conn, queue: Vec::new(), failed: None, sent: false, wrote: false, cache: Cache::default() };
+        let mut pipe = Pipe { rt, conn, queue: Vec::new(), failed: None, sent: false, wrote: false, recovering: false, cache: Cache::default() };
         pipe.queue(BEGIN_READ, &[], Purpose::Check)?;
         Ok(pipe)
     }
@@ -184,7 +191,9 @@ impl<'c> Pipe<'c> {
         self.failed = None;
         self.cache = Cache::default();
         self.forget_prefetched(|_| true);
-        self.defer(savepoint_rollback, &[])
+        self.defer(savepoint_rollback, &[])?;
+        self.recovering = true;
+        Ok(())
     }
 
     /// The transaction's first failure, if a statement failed.
@@ -236,6 +245,11 @@ impl<'c> Pipe<'c> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
+        if self.recovering && !self.conn.is_prepared(sql) {
+            // The rollback to the savepoint first, so the new statement is prepared in a
+            // transaction that stands.
+            self.round_trip()?;
+        }
         let statement = match self.conn.statement(self.rt, sql) {
             Ok(s) => s,
             Err(e) => return Err(self.fail(&e)),
@@ -257,6 +271,7 @@ impl<'c> Pipe<'c> {
     /// statement failed.
     fn round_trip(&mut self) -> Result<Vec<std::result::Result<Vec<Row>, tokio_postgres::Error>>> {
         let queue = std::mem::take(&mut self.queue);
+        self.recovering = false;
         let client = &self.conn.client;
         self.sent = true;
         let outcomes = self.rt.block_on(futures_util::future::join_all(queue.iter().map(|q| async move {
@@ -267,22 +282,29 @@ impl<'c> Pipe<'c> {
         let mut first: Option<tokio_postgres::Error> = None;
         for (q, outcome) in queue.into_iter().zip(outcomes) {
             if let Err(e) = &outcome {
-                self.conn.broken |= ends_session(e);
+                self.conn.broken |= needs_new_connection(e);
             }
             match (q.purpose, outcome) {
                 (Purpose::Rows, outcome) => rows.push(outcome),
                 (_, Err(e)) => {
                     first.get_or_insert(e);
                 }
-                (Purpose::Head, Ok(found)) => self.cache.head = Some(head_from(found.first())?),
+                // A fetched-ahead row that does not read (a column edited to another type) is not
+                // kept: the read itself fetches it again, and reports it. Every statement's
+                // outcome is still looked at, the COMMIT's included.
+                (Purpose::Head, Ok(found)) => {
+                    if let Ok(head) = head_from(found.first()) {
+                        self.cache.head = Some(head);
+                    }
+                }
                 (Purpose::Execution(id), Ok(found)) => {
-                    let execution = found.first().map(execution_from_row).transpose()?;
-                    self.cache.executions.retain(|(cached, _)| *cached != id);
-                    self.cache.executions.push((id, execution));
+                    if let Ok(execution) = found.first().map(execution_from_row).transpose() {
+                        self.cache.executions.retain(|(cached, _)| *cached != id);
+                        self.cache.executions.push((id, execution));
+                    }
                 }
                 (Purpose::Agent, Ok(found)) => {
-                    if let Some(row) = found.first() {
-                        let agent = agent_from_row(row)?;
+                    if let Some(Ok(agent)) = found.first().map(agent_from_row) {
                         self.cache.agents.retain(|(cached, ..)| cached.id != agent.0.id);
                         self.cache.agents.push(agent);
                     }

@@ -4,6 +4,9 @@
 //! from the password file (`PGPASSFILE`, else `~/.pgpass`, ignored unless only its owner can read
 //! it); and the TLS mode (`sslmode`: `disable`, `allow`/`prefer` (the default), `require`,
 //! `verify-ca`, `verify-full`; `sslrootcert`: a PEM file of trusted certificates, or `system`).
+//! As with libpq, `allow`, `prefer` and `require` check the server's certificate chain when
+//! trusted certificates are given (`sslrootcert`, or a `~/.postgresql/root.crt` that exists), and
+//! encrypt without checking when none are.
 
 use std::path::PathBuf;
 
@@ -14,12 +17,20 @@ use crate::error::{Error, Result};
 pub(super) enum Tls {
     /// Never (`sslmode=disable`).
     Off,
-    /// Encrypted if the server offers it, without checking its certificate (`allow`, `prefer`);
-    /// or encrypted or refused (`require`, also unchecked, as libpq does).
-    Unverified { required: bool },
-    /// Encrypted, and the server's certificate checked against `roots` (`verify-ca`), and also
-    /// against the host name (`verify-full`).
-    Verified { roots: Roots, host_name: bool },
+    /// Encrypted if the server offers it (`allow`, `prefer`), or always (`required`: `require`
+    /// and the `verify-*` modes), the server's certificate checked as `check` says.
+    On { required: bool, check: Check },
+}
+
+/// What is checked of the server's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Check {
+    /// Nothing (`allow`, `prefer`, `require` with no trusted certificates at hand).
+    Nothing,
+    /// Its chain up to `Roots` (`verify-ca`; `allow`, `prefer`, `require` given certificates).
+    Chain(Roots),
+    /// Its chain and the host name it names (`verify-full`).
+    ChainAndName(Roots),
 }
 
 /// The certificates a server's is checked against.
@@ -64,7 +75,9 @@ pub(super) fn read(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Se
     };
     let driver_url = if rest.is_empty() { base } else { format!("{base}?{}", rest.join("&")) };
     let mut config: tokio_postgres::Config = driver_url.parse().map_err(|e: tokio_postgres::Error| {
-        Error::invalid("path", format!("is not a valid PostgreSQL URL ({})", redact(&e.to_string(), url)))
+        // The driver's cause says which part ("invalid value for option `port`").
+        let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), |c| format!("{e}: {c}"));
+        Error::invalid("path", format!("is not a valid PostgreSQL URL ({})", redact(&cause, url)))
     })?;
     // A password with an unencoded '@' would leave part of itself in the host name.
     if config.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(h) if h.contains('@'))) {
@@ -113,22 +126,24 @@ pub(super) fn read(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Se
     }
     let mode = sslmode.or_else(|| env("PGSSLMODE")).unwrap_or_else(|| "prefer".into());
     let roots = sslrootcert.or_else(|| env("PGSSLROOTCERT")).filter(|r| !r.is_empty());
-    let roots = match roots.as_deref() {
-        Some("system") => Roots::System,
-        Some(path) => Roots::File(PathBuf::from(path)),
-        // libpq's default place, if it holds a file; the system's roots otherwise.
+    // Trusted certificates at hand: given, or in libpq's default place.
+    let given = match roots.as_deref() {
+        Some("system") => Some(Roots::System),
+        Some(path) => Some(Roots::File(PathBuf::from(path))),
         None => match env("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt")) {
-            Some(path) if path.is_file() => Roots::File(path),
-            _ => Roots::System,
+            Some(path) if path.is_file() => Some(Roots::File(path)),
+            _ => None,
         },
     };
+    let chain = || given.clone().map_or(Check::Nothing, Check::Chain);
+    let roots = || given.clone().unwrap_or(Roots::System);
     use tokio_postgres::config::SslMode;
     let tls = match mode.as_str() {
         "disable" => Tls::Off,
-        "allow" | "prefer" => Tls::Unverified { required: false },
-        "require" => Tls::Unverified { required: true },
-        "verify-ca" => Tls::Verified { roots, host_name: false },
-        "verify-full" => Tls::Verified { roots, host_name: true },
+        "allow" | "prefer" => Tls::On { required: false, check: chain() },
+        "require" => Tls::On { required: true, check: chain() },
+        "verify-ca" => Tls::On { required: true, check: Check::Chain(roots()) },
+        "verify-full" => Tls::On { required: true, check: Check::ChainAndName(roots()) },
         other => {
             return Err(Error::invalid(
                 "sslmode",
@@ -138,8 +153,8 @@ pub(super) fn read(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Se
     };
     config.ssl_mode(match tls {
         Tls::Off => SslMode::Disable,
-        Tls::Unverified { required: false } => SslMode::Prefer,
-        _ => SslMode::Require,
+        Tls::On { required: false, .. } => SslMode::Prefer,
+        Tls::On { required: true, .. } => SslMode::Require,
     });
     Ok(Settings { config, tls })
 }
@@ -316,17 +331,31 @@ mod tests {
     #[test]
     fn tls_modes_read_like_libpq() {
         let tls = |url: &str, vars: &[(&str, &str)]| read_with(url, vars).unwrap().tls;
-        assert_eq!(tls("postgresql://u@h/d", &[]), Tls::Unverified { required: false });
+        let unchecked = |required| Tls::On { required, check: Check::Nothing };
+        assert_eq!(tls("postgresql://u@h/d", &[]), unchecked(false));
         assert_eq!(tls("postgresql://u@h/d?sslmode=disable", &[]), Tls::Off);
-        assert_eq!(tls("postgresql://u@h/d?sslmode=require", &[]), Tls::Unverified { required: true });
-        assert_eq!(tls("postgresql://u@h/d", &[("PGSSLMODE", "require")]), Tls::Unverified { required: true });
+        assert_eq!(tls("postgresql://u@h/d?sslmode=require", &[]), unchecked(true));
+        assert_eq!(tls("postgresql://u@h/d", &[("PGSSLMODE", "require")]), unchecked(true));
+        let file = Roots::File("/etc/ca file.pem".into());
         assert_eq!(
             tls("postgresql://u@h/d?sslmode=verify-full&sslrootcert=/etc/ca%20file.pem", &[]),
-            Tls::Verified { roots: Roots::File("/etc/ca file.pem".into()), host_name: true }
+            Tls::On { required: true, check: Check::ChainAndName(file.clone()) }
         );
+        assert_eq!(tls("postgresql://u@h/d?sslmode=verify-ca&sslrootcert=system", &[]), Tls::On { required: true, check: Check::Chain(Roots::System) });
+        assert_eq!(tls("postgresql://u@h/d?sslmode=verify-full", &[]), Tls::On { required: true, check: Check::ChainAndName(Roots::System) });
+        // As libpq: given trusted certificates, require and prefer check the chain.
         assert_eq!(
-            tls("postgresql://u@h/d?sslmode=verify-ca&sslrootcert=system", &[]),
-            Tls::Verified { roots: Roots::System, host_name: false }
+            tls("postgresql://u@h/d?sslmode=require&sslrootcert=/etc/ca%20file.pem", &[]),
+            Tls::On { required: true, check: Check::Chain(file.clone()) }
+        );
+        assert_eq!(tls("postgresql://u@h/d", &[("PGSSLROOTCERT", "/etc/ca file.pem")]), Tls::On { required: false, check: Check::Chain(file) });
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".postgresql")).unwrap();
+        std::fs::write(home.path().join(".postgresql/root.crt"), "").unwrap();
+        let at_home = Roots::File(home.path().join(".postgresql/root.crt"));
+        assert_eq!(
+            tls("postgresql://u@h/d?sslmode=require", &[("HOME", home.path().to_str().unwrap())]),
+            Tls::On { required: true, check: Check::Chain(at_home) }
         );
         // The URL's mode wins over the environment's; other parameters still reach the driver.
         let s = read_with("postgresql://u@h/d?connect_timeout=3&sslmode=disable", &[("PGSSLMODE", "verify-full")]).unwrap();
@@ -336,8 +365,13 @@ mod tests {
     }
 
     #[test]
-    fn errors_never_quote_the_password() {
+    fn errors_name_the_part_and_never_quote_the_password() {
         let e = read_with("postgresql://aex:hunter2@host:notaport/db", &[]).err().unwrap();
         assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(e.to_string().contains("port"), "{e}");
+        let e = read_with("postgresql://aex:hunter2@host/db?connect_timeout=abc", &[]).err().unwrap();
+        assert!(e.to_string().contains("connect_timeout") && !e.to_string().contains("hunter2"), "{e}");
+        let e = read_with("postgresql://aex:hunter2@host/db?frobnicate=1", &[]).err().unwrap();
+        assert!(e.to_string().contains("frobnicate"), "{e}");
     }
 }

@@ -10,22 +10,21 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::settings::{Roots, Tls};
+use super::settings::{Check, Roots, Tls};
 use crate::error::{Error, Result};
 
 /// The connector for `tls` (never used with [`Tls::Off`], where the driver does not ask).
 ///
 /// # Errors
-/// [`Error::Unavailable`] when the trusted certificates cannot be read: a missing or unreadable
-/// `sslrootcert` file, one with no certificate in it, or no system roots.
+/// [`Error::InvalidRequest`] on field `sslrootcert` when the trusted certificates cannot be
+/// read: a missing or unreadable file, or one with no certificate in it;
+/// [`Error::Unavailable`] when the system's cannot.
 pub(super) fn connector(tls: &Tls) -> Result<MakeRustlsConnect> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = match tls {
-        Tls::Off | Tls::Unverified { .. } => Arc::new(Unchecked(provider.clone())),
-        Tls::Verified { roots, host_name } => {
-            let checked = checked(roots, &provider)?;
-            if *host_name { checked } else { Arc::new(AnyName(checked)) }
-        }
+        Tls::Off | Tls::On { check: Check::Nothing, .. } => Arc::new(Unchecked(provider.clone())),
+        Tls::On { check: Check::Chain(roots), .. } => Arc::new(AnyName(checked(roots, &provider)?)),
+        Tls::On { check: Check::ChainAndName(roots), .. } => checked(roots, &provider)?,
     };
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -46,13 +45,13 @@ fn checked(roots: &Roots, provider: &Arc<CryptoProvider>) -> Result<Arc<dyn Serv
         Roots::File(path) => {
             let shown = path.display();
             let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| Error::Unavailable(format!("cannot read sslrootcert '{shown}': {e}")))?
+                .map_err(|e| Error::invalid("sslrootcert", format!("cannot read '{shown}': {e}")))?
                 .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| Error::Unavailable(format!("sslrootcert '{shown}' is not a PEM file of certificates: {e}")))?;
+                .map_err(|e| Error::invalid("sslrootcert", format!("'{shown}' is not a PEM file of certificates: {e}")))?;
             let mut store = RootCertStore::empty();
             let (added, _) = store.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(Error::Unavailable(format!("sslrootcert '{shown}' holds no usable certificate")));
+                return Err(Error::invalid("sslrootcert", format!("'{shown}' holds no usable certificate")));
             }
             rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
                 .build()
@@ -62,8 +61,8 @@ fn checked(roots: &Roots, provider: &Arc<CryptoProvider>) -> Result<Arc<dyn Serv
     }
 }
 
-/// `require` / `prefer`: encrypted, the certificate not checked (libpq's meaning of those modes;
-/// the handshake's signatures still are).
+/// `allow` / `prefer` / `require` with no trusted certificates at hand: encrypted, the certificate
+/// not checked (libpq's meaning of those modes; the handshake's signatures still are).
 #[derive(Debug)]
 struct Unchecked(Arc<CryptoProvider>);
 
@@ -102,7 +101,8 @@ impl ServerCertVerifier for Unchecked {
     }
 }
 
-/// `verify-ca`: the chain checked, the host name not.
+/// `verify-ca` (and `allow` / `prefer` / `require` given trusted certificates): the chain checked,
+/// the host name not.
 #[derive(Debug)]
 struct AnyName(Arc<dyn ServerCertVerifier>);
 
