@@ -117,9 +117,13 @@ const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
 pub(super) const HEAD: &str = "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1";
 
 impl<'c> Pipe<'c> {
+    fn new(rt: &'c Runtime, conn: &'c mut Conn) -> Pipe<'c> {
+        Pipe { rt, conn, queue: Vec::new(), failed: None, sent: false, wrote: false, recovering: false, cache: Cache::default() }
+    }
+
     /// A write transaction: `BEGIN`, the write lock and the ledger's head, all queued.
     pub(super) fn write(rt: &'c Runtime, conn: &'c mut Conn) -> Result<Pipe<'c>> {
-        let mut pipe = Pipe { rt, conn, queue: Vec::new(), failed: None, sent: false, wrote: false, recovering: false, cache: Cache::default() };
+        let mut pipe = Pipe::new(rt, conn);
         // READ COMMITTED whatever the server's default: each statement after the lock sees every
         // commit before it (a snapshot taken before the lock would not).
         pipe.queue(BEGIN_WRITE, &[], Purpose::Check)?;
@@ -130,7 +134,7 @@ impl<'c> Pipe<'c> {
 
     /// A read transaction: its `BEGIN`, queued.
     pub(super) fn read(rt: &'c Runtime, conn: &'c mut Conn) -> Result<Pipe<'c>> {
-        let mut pipe = Pipe { rt, conn, queue: Vec::new(), failed: None, sent: false, wrote: false, recovering: false, cache: Cache::default() };
+        let mut pipe = Pipe::new(rt, conn);
         pipe.queue(BEGIN_READ, &[], Purpose::Check)?;
         Ok(pipe)
     }
@@ -141,19 +145,16 @@ impl<'c> Pipe<'c> {
         self.queue(sql, params, Purpose::Check)
     }
 
-    /// Queues a read whose rows go to the cache (`purpose`) when the next round trip brings them.
-    fn prefetch(&mut self, sql: &'static str, params: &Params<'_>, purpose: Purpose) -> Result<()> {
-        self.queue(sql, params, purpose)
-    }
-
-    /// Queues the read of an execution by id (see [`crate::store::Tx::prefetch`]).
+    /// Queues the read of an execution by id, kept when the next round trip brings it (see
+    /// [`crate::store::Tx::prefetch`]).
     pub(super) fn prefetch_execution(&mut self, sql: &'static str, id: &str) -> Result<()> {
-        self.prefetch(sql, &[&id], Purpose::Execution(id.to_string()))
+        self.queue(sql, &[&id], Purpose::Execution(id.to_string()))
     }
 
-    /// Queues the read of an agent row (`sql` selects at most one, by `key`).
+    /// Queues the read of an agent row (`sql` selects at most one, by `key`), kept when the next
+    /// round trip brings it.
     pub(super) fn prefetch_agent(&mut self, sql: &'static str, key: &str) -> Result<()> {
-        self.prefetch(sql, &[&key], Purpose::Agent)
+        self.queue(sql, &[&key], Purpose::Agent)
     }
 
     /// Drops what queued prefetches (`purpose` matching) would bring: a write queued after them
@@ -202,9 +203,9 @@ impl<'c> Pipe<'c> {
     }
 
     /// Sends everything queued and `COMMIT`; if a statement failed earlier (and the closure went
-    /// on regardless), rolls back and returns that failure instead. A failure of a statement is reported as it is (the
-    /// transaction was rolled back); a connection lost with the `COMMIT` on its way leaves the
-    /// outcome unknown, which the error says.
+    /// on regardless), rolls back and returns that failure instead. A statement the server
+    /// refuses is reported as it is (the transaction was rolled back); a connection lost with the
+    /// `COMMIT` on its way leaves the outcome unknown, which the error says.
     pub(super) fn commit(mut self) -> Result<()> {
         if let Some(e) = self.failed.take() {
             self.rollback();
