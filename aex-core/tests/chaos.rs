@@ -149,8 +149,8 @@ fn server_dir() -> String {
 fn terminate_backends(db: &str) {
     let (base, name) = db.rsplit_once('/').unwrap();
     let admin = format!("{base}/postgres");
-    let sql = format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()");
-    std::thread::spawn(move || postgres::Client::connect(&admin, postgres::NoTls).unwrap().batch_execute(&sql).unwrap()).join().unwrap();
+    common::raw::Raw::open(&admin)
+        .batch(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"));
 }
 
 /// Restarts the test server at once: every process killed, then crash recovery.

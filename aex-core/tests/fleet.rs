@@ -19,10 +19,9 @@ fn server() -> String {
     std::env::var(POSTGRES).ok().filter(|u| !u.is_empty()).unwrap_or_else(|| panic!("{POSTGRES} must name a PostgreSQL server"))
 }
 
-/// Runs `sql` on the database `url` names, from a thread of its own.
+/// Runs `sql` on the database `url` names, through a connection of its own.
 fn psql(url: &str, sql: &str) {
-    let (url, sql) = (url.to_string(), sql.to_string());
-    std::thread::spawn(move || postgres::Client::connect(&url, postgres::NoTls).unwrap().batch_execute(&sql).unwrap()).join().unwrap();
+    common::raw::Raw::open(url).batch(sql);
 }
 
 #[test]

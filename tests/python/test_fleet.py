@@ -17,15 +17,6 @@ from conftest import MODELS, new_postgres_database
 PER_CALL = 450  # micro-USD: 1,000 input and 500 output tokens of "mini"
 
 
-@pytest.fixture(scope="module")
-def server(postgres_server):
-    return postgres_server
-
-
-def new_database(admin: str) -> str:
-    return new_postgres_database(admin)
-
-
 def race(url: str, token: str) -> int:
     """One worker process: admits and commits until the budget says no."""
     k = aex.Kernel(url, config_yaml=MODELS)
@@ -39,8 +30,8 @@ def race(url: str, token: str) -> int:
         k.commit(a.execution_id, input_tokens=1000, output_tokens=500)
 
 
-def test_worker_processes_share_one_budget_exactly_through_postgresql(server):
-    url = new_database(server)
+def test_worker_processes_share_one_budget_exactly_through_postgresql(postgres_server):
+    url = new_postgres_database(postgres_server)
     k = aex.Kernel(url, config_yaml=MODELS)
     calls = 60
     token = k.create_agent("atlas", f"{calls * PER_CALL / 1_000_000:.6f}")
@@ -60,14 +51,14 @@ def test_a_bad_url_names_the_problem_and_never_the_password():
     assert "127.0.0.1:1/db" in str(e.value) and "hunter2-secret" not in str(e.value) + repr(e.value)
 
 
-def test_the_cli_and_kernel_open_take_a_url_from_db_or_aex_db_and_never_print_its_password(server, tmp_path):
+def test_the_cli_and_kernel_open_take_a_url_from_db_or_aex_db_and_never_print_its_password(postgres_server, tmp_path):
     from conftest import run_cli
 
     import json
     import sys
 
     # The test server trusts loopback, so any password is accepted: one to look for in output.
-    url = new_database(server).replace("aex@", "aex:hunter2-secret@", 1)
+    url = new_postgres_database(postgres_server).replace("aex@", "aex:hunter2-secret@", 1)
     config = tmp_path / "models.yaml"
     config.write_text(MODELS)
     created = json.loads(run_cli("--json", "--config", str(config), "agent", "create", "atlas", "2.00", "60", db=url).stdout)
@@ -92,15 +83,15 @@ def test_the_cli_and_kernel_open_take_a_url_from_db_or_aex_db_and_never_print_it
     assert not (tmp_path / "home").exists(), "a URL creates no aex directory"
 
 
-def test_the_password_comes_from_pgpassword_or_the_password_file_as_libpq_reads_them(server, tmp_path):
+def test_the_password_comes_from_pgpassword_or_the_password_file_as_libpq_reads_them(postgres_server, tmp_path):
     import sys
 
     # A role that signs in with a password (the test server asks every role but its own for one).
-    url = new_database(server)
+    url = new_postgres_database(postgres_server)
     role = f"r{uuid.uuid4().hex}"
     psql = next(Path("/usr/lib/postgresql").glob("*/bin/psql"))
     db = url.rsplit("/", 1)[1]
-    subprocess.run([psql, server, "-qc", f"CREATE ROLE {role} LOGIN PASSWORD 'right-pw'; ALTER DATABASE {db} OWNER TO {role}"], check=True)
+    subprocess.run([psql, postgres_server, "-qc", f"CREATE ROLE {role} LOGIN PASSWORD 'right-pw'; ALTER DATABASE {db} OWNER TO {role}"], check=True)
     role_url = url.replace("aex@", f"{role}@", 1)
     opened = "import aex, sys; k = aex.Kernel(sys.argv[1]); print(len(k.list_agents()))"
     base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
